@@ -1,0 +1,358 @@
+//! Configuration: a TOML file in which every key is optional, then environment
+//! overrides `SATCHEL_<SECTION>_<KEY>`, then validation that names the offending key.
+//!
+//! The defaults serve a developer with no file at all: a socket under
+//! `$XDG_RUNTIME_DIR` and the Redis on localhost.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Path of the Unix socket. Ignored under socket activation.
+    pub socket: PathBuf,
+    /// Octal permission bits of the socket file, e.g. "0660".
+    pub socket_mode: String,
+    /// Group (name or numeric gid) to give the socket file; empty leaves it as created.
+    pub socket_group: String,
+    pub max_frame_bytes: u64,
+    pub max_inflight_per_conn: u64,
+    pub max_connections: u64,
+    pub shutdown_timeout_ms: u64,
+    /// Peer uids allowed to talk to the daemon; empty (with empty `allow_gids`) = anyone
+    /// who can open the socket.
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `redis+unix:///path/to/redis.sock`.
+    pub url: String,
+    /// Every key the daemon writes starts with `<prefix>:`.
+    pub prefix: String,
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `satchel=debug,redis=warn`, …
+    pub level: String,
+}
+
+/// The socket path used when none is configured: under `$XDG_RUNTIME_DIR` for a
+/// developer, `/run/satchel` for root (as the shipped units), else a per-uid dir in /tmp.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("satchel/satchel.sock");
+    }
+    let uid = nix::unistd::getuid().as_raw();
+    if uid == 0 {
+        PathBuf::from("/run/satchel/satchel.sock")
+    } else {
+        PathBuf::from(format!("/tmp/satchel-{uid}/satchel.sock"))
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket: default_socket_path(),
+            socket_mode: "0660".into(),
+            socket_group: String::new(),
+            max_frame_bytes: 8 * 1024 * 1024,
+            max_inflight_per_conn: 1024,
+            max_connections: 1024,
+            shutdown_timeout_ms: 10_000,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "satchel".into(),
+            connect_timeout_ms: 1000,
+            response_timeout_ms: 1000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn socket_mode_bits(&self) -> u32 {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+impl RedisConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), applies `SATCHEL_*` overrides from the process
+    /// environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment passed in (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.message().to_owned(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.map(Path::to_owned).unwrap_or_else(|| "<environment>".into()),
+            message: e.message().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.socket.as_os_str().is_empty() {
+            return Err(invalid("server.socket", "must not be empty"));
+        }
+        match u32::from_str_radix(s.socket_mode.trim_start_matches("0o"), 8) {
+            Ok(bits) if bits <= 0o777 => {}
+            _ => {
+                return Err(invalid(
+                    "server.socket_mode",
+                    format!("must be octal permission bits like \"0660\", got {:?}", s.socket_mode),
+                ));
+            }
+        }
+        if !(1024..=u32::MAX as u64).contains(&s.max_frame_bytes) {
+            return Err(invalid("server.max_frame_bytes", "must be between 1024 and 4294967295"));
+        }
+        if s.max_inflight_per_conn == 0 {
+            return Err(invalid("server.max_inflight_per_conn", "must be at least 1"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        let r = &self.redis;
+        if let Err(e) = redis::Client::open(r.url.as_str()) {
+            return Err(invalid("redis.url", format!("{e}")));
+        }
+        if r.prefix.is_empty() || r.prefix.contains(char::is_whitespace) {
+            return Err(invalid("redis.prefix", "must be non-empty and contain no whitespace"));
+        }
+        if r.connect_timeout_ms == 0 || r.response_timeout_ms == 0 {
+            let key = if r.connect_timeout_ms == 0 {
+                "redis.connect_timeout_ms"
+            } else {
+                "redis.response_timeout_ms"
+            };
+            return Err(invalid(key, "must be at least 1"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", format!("{e}")));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `satchel check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Applies `SATCHEL_<SECTION>_<KEY>=value` overrides. The value is parsed according to
+/// the type of the key's default (string, integer, bool, list), so `SATCHEL_SERVER_SOCKET`
+/// needs no TOML quoting. Variables naming no known section are left alone (the client
+/// reads `SATCHEL_SOCKET`); a known section with an unknown key is an error.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("SATCHEL_"))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let rest = var["SATCHEL_".len()..].to_ascii_lowercase();
+        let Some((section, section_defaults)) = defaults.iter().find_map(|(name, v)| {
+            let t = v.as_table()?;
+            rest.strip_prefix(name.as_str())?
+                .strip_prefix('_')
+                .map(|_| (name.clone(), t))
+        }) else {
+            continue;
+        };
+        let key = &rest[section.len() + 1..];
+        let env_err = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let Some(default) = section_defaults.get(key) else {
+            return Err(env_err(format!("`{section}` has no key `{key}`")));
+        };
+        let value = parse_env_value(default, &raw).map_err(env_err)?;
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(invalid(&section, "must be a table"));
+        };
+        section_table.insert(key.to_owned(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    use toml::Value;
+    Ok(match default {
+        Value::String(_) => Value::String(raw.to_owned()),
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got {raw:?}"))?,
+        ),
+        Value::Boolean(_) => Value::Boolean(match raw.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => return Err(format!("expected true or false, got {raw:?}")),
+        }),
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<i64>()
+                        .map(Value::Integer)
+                        .unwrap_or_else(|_| Value::String(s.to_owned()))
+                })
+                .collect(),
+        ),
+        _ => return Err("this key cannot be set from the environment".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load_str(toml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("satchel.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load_with_env(Some(&path), env(vars))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.server.max_inflight_per_conn, 1024);
+        assert_eq!(c.redis.url, "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn env_overrides_file_with_typed_values() {
+        let c = load_str(
+            "[server]\nmax_connections = 5\n",
+            &[
+                ("SATCHEL_SERVER_MAX_CONNECTIONS", "7"),
+                ("SATCHEL_SERVER_SOCKET", "/tmp/x.sock"),
+                ("SATCHEL_SERVER_ALLOW_UIDS", "1000, 1001"),
+                ("SATCHEL_REDIS_URL", "redis+unix:///tmp/r.sock"),
+                ("SATCHEL_SOCKET", "/ignored/for/the/client"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections, 7);
+        assert_eq!(c.server.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.server.allow_uids, vec![1000, 1001]);
+        assert_eq!(c.redis.url, "redis+unix:///tmp/r.sock");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = load_str("[server]\nsockett = \"x\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("sockett"), "{e}");
+        let e = load_str("[server]\nsocket_mode = \"999\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("server.socket_mode"), "{e}");
+        let e = load_str("", &[("SATCHEL_SERVER_NOPE", "1")]).unwrap_err().to_string();
+        assert!(e.contains("SATCHEL_SERVER_NOPE"), "{e}");
+        let e = load_str("", &[("SATCHEL_SERVER_MAX_CONNECTIONS", "many")]).unwrap_err().to_string();
+        assert!(e.contains("SATCHEL_SERVER_MAX_CONNECTIONS") && e.contains("integer"), "{e}");
+        let e = load_str("[redis]\nurl = \"http://x\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("redis.url"), "{e}");
+    }
+}

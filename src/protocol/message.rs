@@ -1,0 +1,312 @@
+//! Request and response envelopes.
+//!
+//! A request is a map `{"id": uint, "op": str, ...fields}`. The envelope is decoded
+//! eagerly; op fields are located (as byte ranges into the frame) but decoded only when
+//! a handler asks for them, so a value the daemon merely stores is never re-encoded.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::msgpack::{DecodeError, Head, Reader, Writer};
+use super::{ErrorCode, OpError};
+
+/// One decoded request. Cheap to clone: the frame is shared.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: u64,
+    op: Range<usize>,
+    frame: Bytes,
+    fields: Vec<(Range<usize>, Range<usize>)>,
+}
+
+/// Why a frame is not a request. `id` is set when the frame got far enough to have
+/// one, so the client can match the error to its request.
+#[derive(Debug, Clone)]
+pub struct RequestError {
+    pub id: Option<u64>,
+    pub error: OpError,
+}
+
+fn range_of(frame: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - frame.as_ptr() as usize;
+    start..start + part.len()
+}
+
+impl Request {
+    /// Decodes the envelope of one frame.
+    pub fn parse(frame: Bytes) -> Result<Request, RequestError> {
+        let bad = |id: Option<u64>, msg: String| RequestError {
+            id,
+            error: OpError::new(ErrorCode::BadRequest, msg),
+        };
+        let mut r = Reader::new(&frame);
+        let decode = |e: DecodeError| format!("body is not valid MessagePack: {e}");
+        let n = match r.head() {
+            Ok(Head::Map(n)) => n,
+            Ok(other) => {
+                return Err(bad(
+                    None,
+                    format!("request must be a map, got {}", other.type_name()),
+                ));
+            }
+            Err(e) => return Err(bad(None, decode(e))),
+        };
+        let mut id = None;
+        let mut id_err = None;
+        let mut op = None;
+        let mut op_err = None;
+        let mut fields = Vec::with_capacity(n.min(16) as usize);
+        for _ in 0..n {
+            let key = r.head().map_err(|e| bad(None, decode(e)))?;
+            let value = r.clone().head().map_err(|e| bad(None, decode(e)))?;
+            let raw = r.skip().map_err(|e| bad(None, decode(e)))?;
+            // Non-string keys are unknown fields, and unknown fields are ignored.
+            let Head::Str(key) = key else { continue };
+            match key {
+                b"id" => match value {
+                    Head::Uint(v) => id = Some(v),
+                    other => id_err = Some(other.type_name()),
+                },
+                b"op" => match value {
+                    Head::Str(s) if std::str::from_utf8(s).is_ok() => {
+                        op = Some(range_of(&frame, s))
+                    }
+                    other => op_err = Some(other.type_name()),
+                },
+                _ => fields.push((range_of(&frame, key), range_of(&frame, raw))),
+            }
+        }
+        if !r.is_empty() {
+            return Err(bad(id, decode(DecodeError::TrailingBytes(frame.len() - r.position()))));
+        }
+        let Some(id) = id else {
+            let msg = match id_err {
+                Some(t) => format!("field `id` must be an unsigned int, got {t}"),
+                None => "request has no `id` field".to_owned(),
+            };
+            return Err(RequestError {
+                id: None,
+                error: OpError::bad_request("id", msg),
+            });
+        };
+        let Some(op) = op else {
+            let msg = match op_err {
+                Some(t) => format!("field `op` must be a str, got {t}"),
+                None => "request has no `op` field".to_owned(),
+            };
+            return Err(RequestError {
+                id: Some(id),
+                error: OpError::bad_request("op", msg),
+            });
+        };
+        Ok(Request {
+            id,
+            op,
+            frame,
+            fields,
+        })
+    }
+
+    pub fn op(&self) -> &str {
+        // Checked to be UTF-8 in `parse`.
+        std::str::from_utf8(&self.frame[self.op.clone()]).unwrap_or("")
+    }
+
+    /// The raw encoded bytes of a field, if present (nil counts as present here).
+    pub fn raw(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| &self.frame[k.clone()] == name.as_bytes())
+            .map(|(_, v)| &self.frame[v.clone()])
+    }
+
+    /// The raw bytes of a field as a zero-copy slice of the frame.
+    pub fn raw_bytes(&self, name: &str) -> Option<Bytes> {
+        self.fields
+            .iter()
+            .find(|(k, _)| &self.frame[k.clone()] == name.as_bytes())
+            .map(|(_, v)| self.frame.slice(v.clone()))
+    }
+
+    /// The head of an optional field; an explicit nil is the same as absent.
+    fn head(&self, name: &str) -> Option<Head<'_>> {
+        let raw = self.raw(name)?;
+        match Reader::new(raw).head() {
+            Ok(Head::Nil) | Err(_) => None,
+            Ok(h) => Some(h),
+        }
+    }
+
+    fn wrong_type(name: &str, want: &str, got: &Head<'_>) -> OpError {
+        OpError::bad_request(
+            name,
+            format!("field `{name}` must be {want}, got {}", got.type_name()),
+        )
+    }
+
+    fn missing(name: &str) -> OpError {
+        OpError::bad_request(name, format!("field `{name}` is required"))
+    }
+
+    pub fn opt_str(&self, name: &str) -> Result<Option<&str>, OpError> {
+        match self.head(name) {
+            None => Ok(None),
+            Some(Head::Str(s)) => std::str::from_utf8(s).map(Some).map_err(|_| {
+                OpError::bad_request(name, format!("field `{name}` is not valid UTF-8"))
+            }),
+            Some(other) => Err(Self::wrong_type(name, "a str", &other)),
+        }
+    }
+
+    pub fn str(&self, name: &str) -> Result<&str, OpError> {
+        self.opt_str(name)?.ok_or_else(|| Self::missing(name))
+    }
+
+    /// An optional signed integer (any MessagePack int width).
+    pub fn opt_int(&self, name: &str) -> Result<Option<i64>, OpError> {
+        match self.head(name) {
+            None => Ok(None),
+            Some(Head::Int(v)) => Ok(Some(v)),
+            Some(Head::Uint(v)) => i64::try_from(v)
+                .map(Some)
+                .map_err(|_| OpError::bad_request(name, format!("field `{name}` is too big"))),
+            Some(other) => Err(Self::wrong_type(name, "an int", &other)),
+        }
+    }
+
+    /// An optional integer that must be > 0 (durations, limits).
+    pub fn opt_positive(&self, name: &str) -> Result<Option<u64>, OpError> {
+        match self.opt_int(name)? {
+            None => Ok(None),
+            Some(v) if v > 0 => Ok(Some(v as u64)),
+            Some(v) => Err(OpError::bad_request(
+                name,
+                format!("field `{name}` must be > 0, got {v}"),
+            )),
+        }
+    }
+
+    pub fn opt_bool(&self, name: &str) -> Result<Option<bool>, OpError> {
+        match self.head(name) {
+            None => Ok(None),
+            Some(Head::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(Self::wrong_type(name, "a bool", &other)),
+        }
+    }
+
+    /// An optional array of strings.
+    pub fn opt_str_list(&self, name: &str) -> Result<Option<Vec<&str>>, OpError> {
+        let Some(raw) = self.raw(name) else {
+            return Ok(None);
+        };
+        let mut r = Reader::new(raw);
+        let n = match r.head() {
+            Ok(Head::Nil) => return Ok(None),
+            Ok(Head::Array(n)) => n,
+            Ok(other) => return Err(Self::wrong_type(name, "an array of str", &other)),
+            Err(_) => return Ok(None),
+        };
+        let mut out = Vec::with_capacity(n.min(1024) as usize);
+        for i in 0..n {
+            match r.head() {
+                Ok(Head::Str(s)) => out.push(std::str::from_utf8(s).map_err(|_| {
+                    OpError::bad_request(name, format!("`{name}[{i}]` is not valid UTF-8"))
+                })?),
+                Ok(other) => {
+                    return Err(OpError::bad_request(
+                        name,
+                        format!("`{name}[{i}]` must be a str, got {}", other.type_name()),
+                    ));
+                }
+                Err(_) => return Err(OpError::bad_request(name, "truncated array")),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    pub fn str_list(&self, name: &str) -> Result<Vec<&str>, OpError> {
+        self.opt_str_list(name)?.ok_or_else(|| Self::missing(name))
+    }
+}
+
+/// Builds the `result` of a successful response.
+pub type ResultWriter = Writer;
+
+/// One encoded response body (the frame codec adds the length prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response(pub Bytes);
+
+impl Response {
+    /// `{"id": id, "ok": true, "result": <result>}`; `result` is already encoded.
+    pub fn ok(id: u64, result: &[u8]) -> Response {
+        let mut w = Writer::with_capacity(24 + result.len());
+        w.map(3).str("id").uint(id).str("ok").bool(true).str("result").raw(result);
+        Response(Bytes::from(w.into_vec()))
+    }
+
+    /// `{"id": id|nil, "ok": false, "error": {"code", "message", ...}}`.
+    pub fn error(id: Option<u64>, err: &OpError) -> Response {
+        let mut w = Writer::with_capacity(64 + err.message.len());
+        w.map(3).str("id");
+        match id {
+            Some(id) => w.uint(id),
+            None => w.nil(),
+        };
+        w.str("ok").bool(false).str("error");
+        let extra = err.retry_after_ms.is_some() as u32 + err.field.is_some() as u32;
+        w.map(2 + extra)
+            .str("code")
+            .str(err.code.as_str())
+            .str("message")
+            .str(&err.message);
+        if let Some(ms) = err.retry_after_ms {
+            w.str("retry_after_ms").uint(ms);
+        }
+        if let Some(field) = &err.field {
+            w.str("field").str(field);
+        }
+        Response(Bytes::from(w.into_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(w: &Writer) -> Bytes {
+        Bytes::copy_from_slice(w.as_slice())
+    }
+
+    #[test]
+    fn parses_envelope_and_keeps_raw_values() {
+        let mut w = Writer::new();
+        w.map(4).str("id").uint(7).str("op").str("cache.set");
+        w.str("value").raw(&[0xd0, 0x05]).str("extra").nil();
+        let req = Request::parse(frame(&w)).unwrap();
+        assert_eq!(req.id, 7);
+        assert_eq!(req.op(), "cache.set");
+        assert_eq!(req.raw("value"), Some(&[0xd0, 0x05][..]));
+        assert_eq!(req.opt_int("value").unwrap(), Some(5));
+        assert_eq!(req.opt_str("extra").unwrap(), None);
+    }
+
+    #[test]
+    fn missing_id_is_bad_request_with_nil_id() {
+        let mut w = Writer::new();
+        w.map(1).str("op").str("ping");
+        let err = Request::parse(frame(&w)).unwrap_err();
+        assert_eq!(err.id, None);
+        assert_eq!(err.error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn wrong_field_type_names_the_field() {
+        let mut w = Writer::new();
+        w.map(3).str("id").uint(1).str("op").str("x").str("key").uint(3);
+        let req = Request::parse(frame(&w)).unwrap();
+        let err = req.str("key").unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("key"));
+        assert!(err.message.contains("must be a str, got int"), "{}", err.message);
+    }
+}

@@ -1,0 +1,174 @@
+//! The accept loop and the state every connection shares.
+//!
+//! [`Server::bind`] takes the listening socket (from systemd socket activation, or by
+//! binding `server.socket`), [`Server::run`] accepts until the shutdown token fires and
+//! then waits, up to `server.shutdown_timeout_ms`, for every connection to answer what
+//! it has already read.
+
+mod connection;
+mod dispatch;
+mod socket;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use dispatch::OPS;
+
+use crate::backend::{Backend, BackendError};
+use crate::config::Config;
+use crate::protocol::{ErrorCode, OpError};
+use crate::stats::Stats;
+
+/// State shared by all connections.
+#[derive(Debug)]
+pub struct Shared {
+    /// The live configuration; SIGHUP swaps it.
+    pub config: ArcSwap<Config>,
+    pub backend: Arc<Backend>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("socket {path}: {message}")]
+    Socket { path: PathBuf, message: String },
+    #[error("socket activation: {0}")]
+    Activation(std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A bound server, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    /// The path we bound and must remove on exit (None under socket activation).
+    owned_path: Option<(PathBuf, u64)>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Takes the socket systemd passed (LISTEN_FDS) or binds `server.socket`, and
+    /// makes one attempt to reach Redis (the daemon starts either way).
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let backend = Backend::new(&config.redis)?;
+        let (listener, owned_path) = match crate::systemd::activated_listener()
+            .map_err(ServerError::Activation)?
+        {
+            Some(std_listener) => {
+                tracing::info!("using the socket passed by systemd (socket activation)");
+                (
+                    UnixListener::from_std(std_listener).map_err(ServerError::Activation)?,
+                    None,
+                )
+            }
+            None => {
+                let listener = socket::bind(&config.server)?;
+                let path = config.server.socket.clone();
+                let ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
+                tracing::info!(socket = %path.display(), "listening");
+                (listener, Some((path, ino)))
+            }
+        };
+        let connect = tokio::time::timeout(config.redis.connect_timeout(), backend.probe());
+        let _ = connect.await;
+        Ok(Server {
+            listener,
+            owned_path,
+            shared: Arc::new(Shared {
+                config: ArcSwap::from_pointee(config),
+                backend,
+                stats: Stats::default(),
+            }),
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Accepts connections until `shutdown` is cancelled, then drains. Every task is
+    /// spawned on `tasks`; the caller waits for them with its own deadline.
+    pub async fn run(self, shutdown: CancellationToken, tasks: TaskTracker) {
+        tasks.spawn(self.shared.backend.clone().run_health(shutdown.child_token()));
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => self.admit(stream, &shutdown, &tasks),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(self.listener);
+        if let Some((path, ino)) = &self.owned_path {
+            socket::remove_if_ours(path, *ino);
+        }
+    }
+
+    fn admit(&self, stream: UnixStream, shutdown: &CancellationToken, tasks: &TaskTracker) {
+        let shared = self.shared.clone();
+        let cfg = shared.config.load();
+        if let Some(err) = check_peer(&stream, &cfg.server) {
+            Stats::bump(&shared.stats.connections_refused);
+            tasks.spawn(connection::refuse(stream, err));
+            return;
+        }
+        let open = shared.stats.connections.load(Ordering::Relaxed);
+        if open >= cfg.server.max_connections {
+            Stats::bump(&shared.stats.connections_refused);
+            let err = OpError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "too many connections ({open}, max_connections is {})",
+                    cfg.server.max_connections
+                ),
+            )
+            .with_retry_after(100);
+            tasks.spawn(connection::refuse(stream, err));
+            return;
+        }
+        Stats::bump(&shared.stats.connections);
+        Stats::bump(&shared.stats.connections_total);
+        let token = shutdown.child_token();
+        tasks.spawn(async move {
+            connection::serve(stream, shared.clone(), token).await;
+            Stats::drop_one(&shared.stats.connections);
+        });
+    }
+}
+
+/// SO_PEERCRED check against `allow_uids` / `allow_gids`.
+fn check_peer(stream: &UnixStream, cfg: &crate::config::ServerConfig) -> Option<OpError> {
+    if cfg.allow_uids.is_empty() && cfg.allow_gids.is_empty() {
+        return None;
+    }
+    let forbidden = |msg: String| Some(OpError::new(ErrorCode::Forbidden, msg));
+    match stream.peer_cred() {
+        Ok(cred) => {
+            if cfg.allow_uids.contains(&cred.uid()) || cfg.allow_gids.contains(&cred.gid()) {
+                None
+            } else {
+                forbidden(format!(
+                    "uid {} / gid {} is not in allow_uids or allow_gids",
+                    cred.uid(),
+                    cred.gid()
+                ))
+            }
+        }
+        Err(e) => forbidden(format!("cannot read peer credentials: {e}")),
+    }
+}
