@@ -85,7 +85,8 @@ impl Backend {
             .into_connection_info()
             .map_err(BackendError::Redis)?;
         let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(BackendError::Redis)?;
+        let client =
+            redis::Client::open(info.set_tcp_settings(tcp)).map_err(BackendError::Redis)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout()))
             .set_response_timeout(Some(cfg.response_timeout()))
@@ -149,7 +150,9 @@ impl Backend {
     /// Runs one command through the gate.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
         let mut conn = self.connection()?;
-        cmd.query_async(&mut conn).await.map_err(|e| self.classify(e))
+        cmd.query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(e))
     }
 
     fn mark_down(&self, e: &redis::RedisError) {

@@ -31,7 +31,10 @@ pub enum ClientCommand {
 }
 
 pub fn run(cmd: ClientCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("satchel: {e}");
@@ -44,7 +47,10 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
                 let r = with_client(&t, |c| async move {
                     let started = std::time::Instant::now();
                     c.ping().await?;
-                    Ok(Value::from(format!("pong in {} µs", started.elapsed().as_micros())))
+                    Ok(Value::from(format!(
+                        "pong in {} µs",
+                        started.elapsed().as_micros()
+                    )))
                 })
                 .await;
                 (t, r)

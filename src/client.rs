@@ -126,7 +126,10 @@ impl Client {
             .map_err(|_| ClientError::Closed)?
             .insert(id, tx);
         if self.outgoing.send(Bytes::from(body)).await.is_err() {
-            self.pending.lock().map_err(|_| ClientError::Closed)?.remove(&id);
+            self.pending
+                .lock()
+                .map_err(|_| ClientError::Closed)?
+                .remove(&id);
             return Err(ClientError::Closed);
         }
         rx.await.map_err(|_| ClientError::Closed)?
@@ -139,7 +142,10 @@ impl Client {
     pub async fn hello(&self) -> Result<Value, ClientError> {
         self.call(
             "hello",
-            vec![("protocol", Value::from(1)), ("client", Value::from("satchel-rs"))],
+            vec![
+                ("protocol", Value::from(1)),
+                ("client", Value::from("satchel-rs")),
+            ],
         )
         .await
     }
@@ -159,7 +165,9 @@ pub fn get<'a>(map: &'a Value, key: &str) -> Option<&'a Value> {
 
 /// Decodes a response frame into its id and its outcome.
 #[allow(clippy::type_complexity)]
-pub fn decode_response(frame: &[u8]) -> Result<(Option<u64>, Result<Value, ClientError>), ClientError> {
+pub fn decode_response(
+    frame: &[u8],
+) -> Result<(Option<u64>, Result<Value, ClientError>), ClientError> {
     let value = rmpv::decode::read_value(&mut &frame[..])
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
     let id = get(&value, "id").and_then(Value::as_u64);

@@ -170,10 +170,14 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: path.map(Path::to_owned).unwrap_or_else(|| "<environment>".into()),
-            message: e.message().to_owned(),
-        })?;
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path
+                    .map(Path::to_owned)
+                    .unwrap_or_else(|| "<environment>".into()),
+                message: e.message().to_owned(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -188,15 +192,24 @@ impl Config {
             _ => {
                 return Err(invalid(
                     "server.socket_mode",
-                    format!("must be octal permission bits like \"0660\", got {:?}", s.socket_mode),
+                    format!(
+                        "must be octal permission bits like \"0660\", got {:?}",
+                        s.socket_mode
+                    ),
                 ));
             }
         }
         if !(1024..=u32::MAX as u64).contains(&s.max_frame_bytes) {
-            return Err(invalid("server.max_frame_bytes", "must be between 1024 and 4294967295"));
+            return Err(invalid(
+                "server.max_frame_bytes",
+                "must be between 1024 and 4294967295",
+            ));
         }
         if s.max_inflight_per_conn == 0 {
-            return Err(invalid("server.max_inflight_per_conn", "must be at least 1"));
+            return Err(invalid(
+                "server.max_inflight_per_conn",
+                "must be at least 1",
+            ));
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
@@ -206,7 +219,10 @@ impl Config {
             return Err(invalid("redis.url", format!("{e}")));
         }
         if r.prefix.is_empty() || r.prefix.contains(char::is_whitespace) {
-            return Err(invalid("redis.prefix", "must be non-empty and contain no whitespace"));
+            return Err(invalid(
+                "redis.prefix",
+                "must be non-empty and contain no whitespace",
+            ));
         }
         if r.connect_timeout_ms == 0 || r.response_timeout_ms == 0 {
             let key = if r.connect_timeout_ms == 0 {
@@ -306,7 +322,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn load_str(toml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -344,15 +363,28 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let e = load_str("[server]\nsockett = \"x\"\n", &[]).unwrap_err().to_string();
+        let e = load_str("[server]\nsockett = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sockett"), "{e}");
-        let e = load_str("[server]\nsocket_mode = \"999\"\n", &[]).unwrap_err().to_string();
+        let e = load_str("[server]\nsocket_mode = \"999\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.socket_mode"), "{e}");
-        let e = load_str("", &[("SATCHEL_SERVER_NOPE", "1")]).unwrap_err().to_string();
+        let e = load_str("", &[("SATCHEL_SERVER_NOPE", "1")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SATCHEL_SERVER_NOPE"), "{e}");
-        let e = load_str("", &[("SATCHEL_SERVER_MAX_CONNECTIONS", "many")]).unwrap_err().to_string();
-        assert!(e.contains("SATCHEL_SERVER_MAX_CONNECTIONS") && e.contains("integer"), "{e}");
-        let e = load_str("[redis]\nurl = \"http://x\"\n", &[]).unwrap_err().to_string();
+        let e = load_str("", &[("SATCHEL_SERVER_MAX_CONNECTIONS", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SATCHEL_SERVER_MAX_CONNECTIONS") && e.contains("integer"),
+            "{e}"
+        );
+        let e = load_str("[redis]\nurl = \"http://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("redis.url"), "{e}");
     }
 }

@@ -56,8 +56,7 @@ fn init_logging(level: &str) -> SetLogLevel {
 pub async fn serve(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let config = Config::load(config_path.as_deref())?;
     let set_log_level = init_logging(&config.log.level);
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
 
     let server = Server::bind(config).await?;
     let shared = server.shared();
@@ -79,7 +78,10 @@ pub async fn serve(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         }
     }
     let timeout = shared.config.load().server.shutdown_timeout();
-    tracing::info!(?timeout, "stopping: no new connections; answering what was already read");
+    tracing::info!(
+        ?timeout,
+        "stopping: no new connections; answering what was already read"
+    );
     systemd::stopping();
     shutdown.cancel();
     tasks.close();

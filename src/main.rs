@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "satchel", version, about = "Local cache and mail sidecar over a Unix socket")]
+#[command(
+    name = "satchel",
+    version,
+    about = "Local cache and mail sidecar over a Unix socket"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

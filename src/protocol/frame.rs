@@ -87,8 +87,14 @@ mod tests {
         buf.extend_from_slice(&[0, 0, 0, 3, 1]);
         assert!(codec.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(&[2, 3]);
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), Bytes::from_static(&[1, 2, 3]));
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().unwrap(),
+            Bytes::from_static(&[1, 2, 3])
+        );
         buf.extend_from_slice(&[0, 0, 0, 9]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::TooLarge { len: 9, max: 8 })));
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge { len: 9, max: 8 })
+        ));
     }
 }

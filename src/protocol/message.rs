@@ -78,7 +78,10 @@ impl Request {
             }
         }
         if !r.is_empty() {
-            return Err(bad(id, decode(DecodeError::TrailingBytes(frame.len() - r.position()))));
+            return Err(bad(
+                id,
+                decode(DecodeError::TrailingBytes(frame.len() - r.position())),
+            ));
         }
         let Some(id) = id else {
             let msg = match id_err {
@@ -241,7 +244,13 @@ impl Response {
     /// `{"id": id, "ok": true, "result": <result>}`; `result` is already encoded.
     pub fn ok(id: u64, result: &[u8]) -> Response {
         let mut w = Writer::with_capacity(24 + result.len());
-        w.map(3).str("id").uint(id).str("ok").bool(true).str("result").raw(result);
+        w.map(3)
+            .str("id")
+            .uint(id)
+            .str("ok")
+            .bool(true)
+            .str("result")
+            .raw(result);
         Response(Bytes::from(w.into_vec()))
     }
 
@@ -303,10 +312,44 @@ mod tests {
     #[test]
     fn wrong_field_type_names_the_field() {
         let mut w = Writer::new();
-        w.map(3).str("id").uint(1).str("op").str("x").str("key").uint(3);
+        w.map(3)
+            .str("id")
+            .uint(1)
+            .str("op")
+            .str("x")
+            .str("key")
+            .uint(3);
         let req = Request::parse(frame(&w)).unwrap();
         let err = req.str("key").unwrap_err();
         assert_eq!(err.field.as_deref(), Some("key"));
-        assert!(err.message.contains("must be a str, got int"), "{}", err.message);
+        assert!(
+            err.message.contains("must be a str, got int"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// The byte-level example in protocol.md, checked.
+    #[test]
+    fn protocol_md_hex_example_is_true() {
+        let request = [
+            0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x70, 0xa4, 0x70, 0x69, 0x6e, 0x67,
+        ];
+        let req = Request::parse(Bytes::copy_from_slice(&request)).unwrap();
+        assert_eq!((req.id, req.op()), (1, "ping"));
+        let mut pong = Writer::new();
+        pong.str("pong");
+        let response = Response::ok(1, pong.as_slice());
+        assert_eq!(
+            &response.0[..],
+            &[
+                0x83, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x6b, 0xc3, 0xa6, 0x72, 0x65, 0x73, 0x75,
+                0x6c, 0x74, 0xa4, 0x70, 0x6f, 0x6e, 0x67
+            ]
+        );
+        assert_eq!(
+            crate::protocol::encode_frame(&request)[..4],
+            [0, 0, 0, 0x0d]
+        );
     }
 }

@@ -308,8 +308,14 @@ mod tests {
 
     #[test]
     fn huge_declared_lengths_are_truncation_not_allocation() {
-        assert_eq!(Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff]).skip(), Err(DecodeError::Truncated));
-        assert_eq!(Reader::new(&[0xc6, 0xff, 0xff, 0xff, 0xff, 1]).skip(), Err(DecodeError::Truncated));
+        assert_eq!(
+            Reader::new(&[0xdd, 0xff, 0xff, 0xff, 0xff]).skip(),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            Reader::new(&[0xc6, 0xff, 0xff, 0xff, 0xff, 1]).skip(),
+            Err(DecodeError::Truncated)
+        );
     }
 
     #[test]

@@ -60,24 +60,23 @@ impl Server {
     /// makes one attempt to reach Redis (the daemon starts either way).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let backend = Backend::new(&config.redis)?;
-        let (listener, owned_path) = match crate::systemd::activated_listener()
-            .map_err(ServerError::Activation)?
-        {
-            Some(std_listener) => {
-                tracing::info!("using the socket passed by systemd (socket activation)");
-                (
-                    UnixListener::from_std(std_listener).map_err(ServerError::Activation)?,
-                    None,
-                )
-            }
-            None => {
-                let listener = socket::bind(&config.server)?;
-                let path = config.server.socket.clone();
-                let ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
-                tracing::info!(socket = %path.display(), "listening");
-                (listener, Some((path, ino)))
-            }
-        };
+        let (listener, owned_path) =
+            match crate::systemd::activated_listener().map_err(ServerError::Activation)? {
+                Some(std_listener) => {
+                    tracing::info!("using the socket passed by systemd (socket activation)");
+                    (
+                        UnixListener::from_std(std_listener).map_err(ServerError::Activation)?,
+                        None,
+                    )
+                }
+                None => {
+                    let listener = socket::bind(&config.server)?;
+                    let path = config.server.socket.clone();
+                    let ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
+                    tracing::info!(socket = %path.display(), "listening");
+                    (listener, Some((path, ino)))
+                }
+            };
         let connect = tokio::time::timeout(config.redis.connect_timeout(), backend.probe());
         let _ = connect.await;
         Ok(Server {
@@ -98,7 +97,12 @@ impl Server {
     /// Accepts connections until `shutdown` is cancelled, then drains. Every task is
     /// spawned on `tasks`; the caller waits for them with its own deadline.
     pub async fn run(self, shutdown: CancellationToken, tasks: TaskTracker) {
-        tasks.spawn(self.shared.backend.clone().run_health(shutdown.child_token()));
+        tasks.spawn(
+            self.shared
+                .backend
+                .clone()
+                .run_health(shutdown.child_token()),
+        );
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -47,11 +47,17 @@ pub(super) fn bind(cfg: &ServerConfig) -> Result<UnixListener, ServerError> {
         Err(e) => return Err(fail(e.to_string())),
     }
     let listener = UnixListener::bind(path).map_err(|e| fail(format!("cannot bind: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode_bits()))
-        .map_err(|e| fail(format!("cannot set mode {}: {e}", cfg.socket_mode)))?;
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(cfg.socket_mode_bits()),
+    )
+    .map_err(|e| fail(format!("cannot set mode {}: {e}", cfg.socket_mode)))?;
     if !cfg.socket_group.is_empty() {
         let gid = resolve_group(&cfg.socket_group).ok_or_else(|| {
-            fail(format!("server.socket_group: no group named {:?}", cfg.socket_group))
+            fail(format!(
+                "server.socket_group: no group named {:?}",
+                cfg.socket_group
+            ))
         })?;
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| fail(format!("cannot set group {}: {e}", cfg.socket_group)))?;
