@@ -503,15 +503,22 @@ fn a_second_stop_signal_exits_at_once() {
     .unwrap();
     let mut probe = daemon.raw();
     assert!(wait_until(Duration::from_secs(5), || {
-        probe.write_all(&frame(&request(1, "stats", |_| 0))).unwrap();
+        probe
+            .write_all(&frame(&request(1, "stats", |_| 0)))
+            .unwrap();
         let (_, _, stats) = decode(&read_frame(&mut probe).unwrap());
         field(&stats, "inflight").as_u64().unwrap() >= 2
     }));
     daemon.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(daemon.wait_exit(Duration::from_millis(10)).is_none(), "first SIGTERM waits for the 30 s ping");
+    assert!(
+        daemon.wait_exit(Duration::from_millis(10)).is_none(),
+        "first SIGTERM waits for the 30 s ping"
+    );
     daemon.signal(Signal::SIGINT);
-    let status = daemon.wait_exit(Duration::from_secs(5)).expect("exited after the second signal");
+    let status = daemon
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited after the second signal");
     assert_eq!(status.code(), Some(1));
 }
 
@@ -519,7 +526,11 @@ fn a_second_stop_signal_exits_at_once() {
 fn sighup_applies_a_changed_config_to_new_connections() {
     let redis = RedisServer::start();
     let me = nix::unistd::getuid().as_raw();
-    let daemon = Daemon::start_with_config(&redis.url(), "[server]\nmax_inflight_per_conn = 1024\n", &[]);
+    let daemon = Daemon::start_with_config(
+        &redis.url(),
+        "[server]\nmax_inflight_per_conn = 1024\n",
+        &[],
+    );
     let config = daemon.dir.path().join("satchel.toml");
     std::fs::write(&config, format!("[server]\nallow_uids = [{}]\n", me + 4242)).unwrap();
     daemon.signal(Signal::SIGHUP);
@@ -527,7 +538,9 @@ fn sighup_applies_a_changed_config_to_new_connections() {
         wait_until(Duration::from_secs(5), || {
             let mut s = daemon.raw();
             let _ = s.write_all(&frame(&request(1, "ping", |_| 0)));
-            read_frame(&mut s).map(|f| code(&decode(&f).2) == "FORBIDDEN").unwrap_or(false)
+            read_frame(&mut s)
+                .map(|f| code(&decode(&f).2) == "FORBIDDEN")
+                .unwrap_or(false)
         }),
         "reloaded allow_uids not applied; log:\n{}",
         daemon.log_text()
@@ -535,7 +548,9 @@ fn sighup_applies_a_changed_config_to_new_connections() {
     // A broken file is rejected and the running config kept.
     std::fs::write(&config, "[server]\nmax_connections = \"many\"\n").unwrap();
     daemon.signal(Signal::SIGHUP);
-    assert!(wait_until(Duration::from_secs(5), || daemon.log_text().contains("reload failed")));
+    assert!(wait_until(Duration::from_secs(5), || daemon
+        .log_text()
+        .contains("reload failed")));
     let mut s = daemon.raw();
     let (_, _, err) = decode(&read_frame(&mut s).unwrap());
     assert_eq!(code(&err), "FORBIDDEN");

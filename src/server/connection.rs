@@ -14,8 +14,8 @@ use tokio::net::UnixStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use super::dispatch;
+use super::{Peer, Shared};
 use crate::protocol::{ErrorCode, FrameCodec, FrameError, OpError, Request, Response};
 use crate::stats::Stats;
 
@@ -29,7 +29,12 @@ pub(crate) async fn refuse(stream: UnixStream, err: OpError) {
     .await;
 }
 
-pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    stream: UnixStream,
+    peer: Peer,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let (max_frame, max_inflight) = {
         let cfg = shared.config.load();
         (
@@ -74,7 +79,7 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<Shared>, shutdown: Can
                         } else {
                             match Request::parse(frame) {
                                 Ok(req) => {
-                                    inflight.push(dispatch::handle(&shared, req));
+                                    inflight.push(dispatch::handle(&shared, &peer, req));
                                     None
                                 }
                                 Err(bad) => {

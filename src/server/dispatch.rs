@@ -6,13 +6,18 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::Shared;
+use super::{Peer, Shared};
 use crate::protocol::msgpack::Writer;
 use crate::protocol::{ErrorCode, OpError, PROTOCOL_VERSION, Request, Response};
 use crate::stats::{CoreSnapshot, Stats};
 
+/// The core ops; each service module lists its own (`hello` reports them all).
+pub const CORE_OPS: &[&str] = &["hello", "ping", "stats", "health"];
+
 /// Every op this server answers, as `hello` reports them.
-pub const OPS: &[&str] = &["hello", "ping", "stats", "health"];
+pub fn all_ops() -> Vec<&'static str> {
+    CORE_OPS.to_vec()
+}
 
 /// `ping {delay_ms}` is capped so a client cannot park a request for ever.
 const MAX_PING_DELAY_MS: u64 = 60_000;
@@ -20,8 +25,9 @@ const MAX_PING_DELAY_MS: u64 = 60_000;
 type OpResult = Result<Vec<u8>, OpError>;
 
 /// Handles one request and turns the outcome into a response, counting it.
-pub(crate) async fn handle(shared: &Shared, req: Request) -> Response {
+pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Response {
     shared.stats.inflight.fetch_add(1, Ordering::Relaxed);
+    let _ = peer;
     let result = match req.op() {
         "hello" => hello(shared, &req),
         "ping" => ping(&req).await,
@@ -54,7 +60,7 @@ struct Hello<'a> {
     server: String,
     max_frame: u64,
     max_inflight: u64,
-    ops: &'a [&'a str],
+    ops: Vec<&'a str>,
 }
 
 fn hello(shared: &Shared, req: &Request) -> OpResult {
@@ -75,7 +81,7 @@ fn hello(shared: &Shared, req: &Request) -> OpResult {
         server: format!("satchel/{}", env!("CARGO_PKG_VERSION")),
         max_frame: cfg.server.max_frame_bytes,
         max_inflight: cfg.server.max_inflight_per_conn,
-        ops: OPS,
+        ops: all_ops(),
     })
 }
 

@@ -20,12 +20,32 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use dispatch::OPS;
+pub use dispatch::all_ops;
 
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::protocol::{ErrorCode, OpError};
 use crate::stats::Stats;
+
+/// Who is on the other end of a connection (SO_PEERCRED), for access decisions and
+/// per-uid key spaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        match stream.peer_cred() {
+            Ok(cred) => Peer {
+                uid: Some(cred.uid()),
+                gid: Some(cred.gid()),
+            },
+            Err(_) => Peer::default(),
+        }
+    }
+}
 
 /// State shared by all connections.
 #[derive(Debug)]
@@ -126,7 +146,8 @@ impl Server {
     fn admit(&self, stream: UnixStream, shutdown: &CancellationToken, tasks: &TaskTracker) {
         let shared = self.shared.clone();
         let cfg = shared.config.load();
-        if let Some(err) = check_peer(&stream, &cfg.server) {
+        let peer = Peer::of(&stream);
+        if let Some(err) = check_peer(&peer, &cfg.server) {
             Stats::bump(&shared.stats.connections_refused);
             tasks.spawn(connection::refuse(stream, err));
             return;
@@ -149,30 +170,29 @@ impl Server {
         Stats::bump(&shared.stats.connections_total);
         let token = shutdown.child_token();
         tasks.spawn(async move {
-            connection::serve(stream, shared.clone(), token).await;
+            connection::serve(stream, peer, shared.clone(), token).await;
             Stats::drop_one(&shared.stats.connections);
         });
     }
 }
 
 /// SO_PEERCRED check against `allow_uids` / `allow_gids`.
-fn check_peer(stream: &UnixStream, cfg: &crate::config::ServerConfig) -> Option<OpError> {
+fn check_peer(peer: &Peer, cfg: &crate::config::ServerConfig) -> Option<OpError> {
     if cfg.allow_uids.is_empty() && cfg.allow_gids.is_empty() {
         return None;
     }
-    let forbidden = |msg: String| Some(OpError::new(ErrorCode::Forbidden, msg));
-    match stream.peer_cred() {
-        Ok(cred) => {
-            if cfg.allow_uids.contains(&cred.uid()) || cfg.allow_gids.contains(&cred.gid()) {
-                None
-            } else {
-                forbidden(format!(
-                    "uid {} / gid {} is not in allow_uids or allow_gids",
-                    cred.uid(),
-                    cred.gid()
-                ))
-            }
-        }
-        Err(e) => forbidden(format!("cannot read peer credentials: {e}")),
+    let (Some(uid), Some(gid)) = (peer.uid, peer.gid) else {
+        return Some(OpError::new(
+            ErrorCode::Forbidden,
+            "cannot read the peer's credentials",
+        ));
+    };
+    if cfg.allow_uids.contains(&uid) || cfg.allow_gids.contains(&gid) {
+        None
+    } else {
+        Some(OpError::new(
+            ErrorCode::Forbidden,
+            format!("uid {uid} / gid {gid} is not in allow_uids or allow_gids"),
+        ))
     }
 }
