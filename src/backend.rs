@@ -58,6 +58,7 @@ impl From<BackendError> for OpError {
 
 /// Shared by every connection task; cheap to clone through `Arc`.
 pub struct Backend {
+    client: redis::Client,
     conn: ConnectionManager,
     up: AtomicBool,
     wake_probe: Notify,
@@ -92,9 +93,10 @@ impl Backend {
             .set_response_timeout(Some(cfg.response_timeout()))
             // One attempt per reconnect: the probe loop owns the retry cadence.
             .set_number_of_retries(0);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(BackendError::Redis)?;
         Ok(Arc::new(Backend {
+            client,
             conn,
             up: AtomicBool::new(false),
             wake_probe: Notify::new(),
@@ -102,6 +104,12 @@ impl Backend {
             prefix: cfg.prefix.clone(),
             response_timeout: cfg.response_timeout(),
         }))
+    }
+
+    /// The client, for connections that must not share the multiplexed one
+    /// (pub/sub, blocking reads).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     pub fn is_up(&self) -> bool {

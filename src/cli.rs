@@ -28,6 +28,146 @@ pub enum ClientCommand {
     Ping(Target),
     /// Print the daemon's counters.
     Stats(Target),
+    /// Read and write cache entries.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print a cached value (exit 3 on a miss).
+    Get {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Store a value: a string, or JSON with --json-value.
+    Set {
+        key: String,
+        value: String,
+        /// Parse VALUE as JSON (objects become MessagePack maps, …).
+        #[arg(long)]
+        json_value: bool,
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+        /// A tag for `cache invalidate --tag` (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete keys; prints how many existed.
+    Del {
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove every key carrying a tag and/or starting with a prefix.
+    Invalidate {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        prefix: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// What a client command produced.
+enum Outcome {
+    Value(Value),
+    /// Nothing there (a cache miss, an unknown id): exit 3.
+    NotFound(String),
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// JSON text → MessagePack value (for `cache set --json-value`).
+pub fn from_json(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Nil,
+        serde_json::Value::Bool(b) => Value::Boolean(*b),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .map(Value::from)
+            .or_else(|| n.as_i64().map(Value::from))
+            .unwrap_or_else(|| Value::F64(n.as_f64().unwrap_or(0.0))),
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(a) => Value::Array(a.iter().map(from_json).collect()),
+        serde_json::Value::Object(o) => Value::Map(
+            o.iter()
+                .map(|(k, v)| (Value::from(k.as_str()), from_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+async fn run_cache(cmd: CacheCommand) -> (Target, Result<Outcome, ClientError>) {
+    match cmd {
+        CacheCommand::Get { key, target } => {
+            let r = async {
+                let c = Client::connect(&target.socket).await?;
+                Ok(match c.cache_get(&key).await? {
+                    Some(v) => Outcome::Value(v),
+                    None => Outcome::NotFound(format!("miss: {key}")),
+                })
+            }
+            .await;
+            (target, r)
+        }
+        CacheCommand::Set {
+            key,
+            value,
+            json_value,
+            ttl_ms,
+            tags,
+            target,
+        } => {
+            let r = async {
+                let value = if json_value {
+                    let parsed: serde_json::Value =
+                        serde_json::from_str(&value).map_err(|e| ClientError::Server {
+                            code: "BAD_REQUEST".into(),
+                            message: format!("VALUE is not JSON: {e}"),
+                            retry_after_ms: None,
+                        })?;
+                    from_json(&parsed)
+                } else {
+                    Value::from(value.as_str())
+                };
+                let c = Client::connect(&target.socket).await?;
+                c.cache_set(&key, value, ttl_ms, &strs(&tags)).await?;
+                Ok(Outcome::Value(Value::from("stored")))
+            }
+            .await;
+            (target, r)
+        }
+        CacheCommand::Del { keys, target } => {
+            let r = async {
+                let c = Client::connect(&target.socket).await?;
+                let n = c.cache_del(&strs(&keys)).await?;
+                Ok(Outcome::Value(Value::from(n)))
+            }
+            .await;
+            (target, r)
+        }
+        CacheCommand::Invalidate {
+            tags,
+            prefix,
+            target,
+        } => {
+            let r = async {
+                let c = Client::connect(&target.socket).await?;
+                let n = c.cache_invalidate(&strs(&tags), prefix.as_deref()).await?;
+                Ok(Outcome::Value(Value::from(n)))
+            }
+            .await;
+            (target, r)
+        }
+    }
 }
 
 pub fn run(cmd: ClientCommand) -> ExitCode {
@@ -53,17 +193,22 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
                     )))
                 })
                 .await;
-                (t, r)
+                (t, r.map(Outcome::Value))
             }
             ClientCommand::Stats(t) => {
                 let r = with_client(&t, |c| async move { c.stats().await }).await;
-                (t, r)
+                (t, r.map(Outcome::Value))
             }
+            ClientCommand::Cache(cmd) => run_cache(cmd).await,
         };
         match outcome {
-            Ok(value) => {
+            Ok(Outcome::Value(value)) => {
                 print_value(&value, target.json);
                 ExitCode::SUCCESS
+            }
+            Ok(Outcome::NotFound(what)) => {
+                eprintln!("satchel: {what}");
+                ExitCode::from(3)
             }
             Err(e) => {
                 eprintln!("satchel: {e}");

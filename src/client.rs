@@ -190,3 +190,176 @@ pub fn decode_response(
         }),
     ))
 }
+
+/// The outcome of [`Client::cache_fetch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetch {
+    Hit(Value),
+    /// This caller holds the lease: load the value and [`Client::cache_fill`] it.
+    Lease(String),
+    /// The wait ran out: load the value but do not fill.
+    Miss,
+}
+
+fn str_list(items: &[&str]) -> Value {
+    Value::Array(items.iter().map(|s| Value::from(*s)).collect())
+}
+
+impl Client {
+    /// `cache.get`: the value, or None on a miss.
+    pub async fn cache_get(&self, key: &str) -> Result<Option<Value>, ClientError> {
+        let r = self
+            .call("cache.get", vec![("key", Value::from(key))])
+            .await?;
+        Ok(hit_value(&r))
+    }
+
+    /// `cache.mget`: one entry per key, in order.
+    pub async fn cache_mget(&self, keys: &[&str]) -> Result<Vec<Option<Value>>, ClientError> {
+        let r = self
+            .call("cache.mget", vec![("keys", str_list(keys))])
+            .await?;
+        let items = r
+            .as_array()
+            .ok_or_else(|| ClientError::Protocol("cache.mget result is not an array".into()))?;
+        Ok(items.iter().map(hit_value).collect())
+    }
+
+    /// `cache.set` with an optional TTL (ms) and tags.
+    pub async fn cache_set(
+        &self,
+        key: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        tags: &[&str],
+    ) -> Result<(), ClientError> {
+        let mut fields = vec![("key", Value::from(key)), ("value", value)];
+        if let Some(ttl) = ttl_ms {
+            fields.push(("ttl_ms", Value::from(ttl)));
+        }
+        if !tags.is_empty() {
+            fields.push(("tags", str_list(tags)));
+        }
+        self.call("cache.set", fields).await.map(|_| ())
+    }
+
+    /// `cache.del`: how many of `keys` existed.
+    pub async fn cache_del(&self, keys: &[&str]) -> Result<u64, ClientError> {
+        let r = self
+            .call("cache.del", vec![("keys", str_list(keys))])
+            .await?;
+        Ok(get(&r, "deleted").and_then(Value::as_u64).unwrap_or(0))
+    }
+
+    /// `cache.invalidate` by tags and/or prefix: how many keys were removed.
+    pub async fn cache_invalidate(
+        &self,
+        tags: &[&str],
+        prefix: Option<&str>,
+    ) -> Result<u64, ClientError> {
+        let mut fields = Vec::new();
+        if !tags.is_empty() {
+            fields.push(("tags", str_list(tags)));
+        }
+        if let Some(p) = prefix {
+            fields.push(("prefix", Value::from(p)));
+        }
+        let r = self.call("cache.invalidate", fields).await?;
+        Ok(get(&r, "deleted").and_then(Value::as_u64).unwrap_or(0))
+    }
+
+    /// `cache.fetch`: a hit, a lease, or a miss after waiting.
+    pub async fn cache_fetch(
+        &self,
+        key: &str,
+        lease_ms: Option<u64>,
+        wait_ms: Option<u64>,
+    ) -> Result<Fetch, ClientError> {
+        let mut fields = vec![("key", Value::from(key))];
+        if let Some(ms) = lease_ms {
+            fields.push(("lease_ms", Value::from(ms)));
+        }
+        if let Some(ms) = wait_ms {
+            fields.push(("wait_ms", Value::from(ms)));
+        }
+        let r = self.call("cache.fetch", fields).await?;
+        if let Some(v) = hit_value(&r) {
+            return Ok(Fetch::Hit(v));
+        }
+        Ok(match get(&r, "lease").and_then(Value::as_str) {
+            Some(lease) => Fetch::Lease(lease.to_owned()),
+            None => Fetch::Miss,
+        })
+    }
+
+    /// `cache.fill`: whether the value was stored (false: the lease was voided).
+    pub async fn cache_fill(
+        &self,
+        key: &str,
+        lease: &str,
+        value: Value,
+        ttl_ms: Option<u64>,
+        tags: &[&str],
+    ) -> Result<bool, ClientError> {
+        let mut fields = vec![
+            ("key", Value::from(key)),
+            ("lease", Value::from(lease)),
+            ("value", value),
+        ];
+        if let Some(ttl) = ttl_ms {
+            fields.push(("ttl_ms", Value::from(ttl)));
+        }
+        if !tags.is_empty() {
+            fields.push(("tags", str_list(tags)));
+        }
+        let r = self.call("cache.fill", fields).await?;
+        Ok(get(&r, "stored").and_then(Value::as_bool).unwrap_or(false))
+    }
+
+    /// Cache-aside with leases: returns the cached value, or runs `loader` (in exactly
+    /// one caller per key across all daemons while others wait) and caches its result.
+    /// When no lease comes back in time, the loader runs without filling.
+    pub async fn get_or_set<F, Fut, E>(
+        &self,
+        key: &str,
+        ttl_ms: Option<u64>,
+        loader: F,
+    ) -> Result<Value, GetOrSetError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Value, E>>,
+    {
+        match self
+            .cache_fetch(key, None, None)
+            .await
+            .map_err(GetOrSetError::Client)?
+        {
+            Fetch::Hit(v) => Ok(v),
+            Fetch::Lease(lease) => {
+                let value = loader().await.map_err(GetOrSetError::Loader)?;
+                self.cache_fill(key, &lease, value.clone(), ttl_ms, &[])
+                    .await
+                    .map_err(GetOrSetError::Client)?;
+                Ok(value)
+            }
+            Fetch::Miss => loader().await.map_err(GetOrSetError::Loader),
+        }
+    }
+}
+
+/// Why [`Client::get_or_set`] failed: the daemon, or the caller's loader.
+#[derive(Debug, thiserror::Error)]
+pub enum GetOrSetError<E> {
+    #[error(transparent)]
+    Client(ClientError),
+    #[error("loader failed")]
+    Loader(E),
+}
+
+fn hit_value(r: &Value) -> Option<Value> {
+    if get(r, "hit").and_then(Value::as_bool) == Some(true) {
+        Some(get(r, "value").cloned().unwrap_or(Value::Nil))
+    } else {
+        None
+    }
+}

@@ -36,6 +36,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub server: ServerConfig,
     pub redis: RedisConfig,
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -67,6 +68,34 @@ pub struct RedisConfig {
     pub prefix: String,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub max_key_bytes: u64,
+    pub max_value_bytes: u64,
+    /// TTL of an entry stored without `ttl_ms`.
+    pub default_ttl_ms: u64,
+    /// How long a `cache.fetch` lease lasts when the request names none.
+    pub lease_ms: u64,
+    /// How long `cache.fetch` waits for another caller's fill when the request names none.
+    pub wait_ms: u64,
+    /// Give each peer uid its own key space.
+    pub isolate_by_uid: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_key_bytes: 1024,
+            max_value_bytes: 1024 * 1024,
+            default_ttl_ms: 3_600_000,
+            lease_ms: 2000,
+            wait_ms: 3000,
+            isolate_by_uid: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +260,34 @@ impl Config {
                 "redis.response_timeout_ms"
             };
             return Err(invalid(key, "must be at least 1"));
+        }
+        let c = &self.cache;
+        if c.max_key_bytes == 0 || c.max_key_bytes > 65536 {
+            return Err(invalid(
+                "cache.max_key_bytes",
+                "must be between 1 and 65536",
+            ));
+        }
+        if c.max_value_bytes == 0 || c.max_value_bytes >= s.max_frame_bytes {
+            return Err(invalid(
+                "cache.max_value_bytes",
+                "must be at least 1 and below server.max_frame_bytes",
+            ));
+        }
+        if c.default_ttl_ms == 0 {
+            return Err(invalid("cache.default_ttl_ms", "must be at least 1"));
+        }
+        if c.lease_ms == 0 || c.lease_ms > crate::cache::MAX_LEASE_MS {
+            return Err(invalid(
+                "cache.lease_ms",
+                format!("must be between 1 and {}", crate::cache::MAX_LEASE_MS),
+            ));
+        }
+        if c.wait_ms > crate::cache::MAX_WAIT_MS {
+            return Err(invalid(
+                "cache.wait_ms",
+                format!("must be at most {}", crate::cache::MAX_WAIT_MS),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{e}")));

@@ -6,6 +6,7 @@
 //! - [`protocol`]: bytes on the wire (length-prefixed MessagePack frames, request and
 //!   response envelopes, stable error codes). protocol.md is its contract.
 //! - [`server`]: the accept loop, one task per connection, the op dispatch table.
+//! - [`cache`]: the cache-aside service (`cache.*` ops): values, leases, invalidation.
 //! - [`backend`]: the shared Redis connection with a fail-fast health gate.
 //! - [`config`]: TOML + `SATCHEL_*` environment overrides, validated.
 //! - [`systemd`]: readiness, status, watchdog, socket activation; nothing else knows
@@ -18,6 +19,7 @@
 //! [`server::Server::bind`] and run it with your own `CancellationToken`.
 
 pub mod backend;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -16,7 +16,9 @@ pub const CORE_OPS: &[&str] = &["hello", "ping", "stats", "health"];
 
 /// Every op this server answers, as `hello` reports them.
 pub fn all_ops() -> Vec<&'static str> {
-    CORE_OPS.to_vec()
+    let mut ops = CORE_OPS.to_vec();
+    ops.extend_from_slice(crate::cache::OPS);
+    ops
 }
 
 /// `ping {delay_ms}` is capped so a client cannot park a request for ever.
@@ -27,12 +29,15 @@ type OpResult = Result<Vec<u8>, OpError>;
 /// Handles one request and turns the outcome into a response, counting it.
 pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Response {
     shared.stats.inflight.fetch_add(1, Ordering::Relaxed);
-    let _ = peer;
     let result = match req.op() {
         "hello" => hello(shared, &req),
         "ping" => ping(&req).await,
         "stats" => stats(shared),
         "health" => health(shared).await,
+        op if op.starts_with("cache.") => {
+            let cfg = shared.config.load();
+            shared.cache.handle(&cfg.cache, peer, &req).await
+        }
         other => Err(OpError::new(
             ErrorCode::UnknownOp,
             format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -116,6 +121,7 @@ struct StatsResult<'a> {
     errors: u64,
     inflight: u64,
     redis: RedisStats<'a>,
+    cache: crate::cache::CacheStatsSnapshot,
 }
 
 fn stats(shared: &Shared) -> OpResult {
@@ -140,6 +146,7 @@ fn stats(shared: &Shared) -> OpResult {
             connected: shared.backend.is_up(),
             url: shared.backend.url(),
         },
+        cache: shared.cache.stats.snapshot(),
     })
 }
 

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use dispatch::all_ops;
 
 use crate::backend::{Backend, BackendError};
+use crate::cache::CacheService;
 use crate::config::Config;
 use crate::protocol::{ErrorCode, OpError};
 use crate::stats::Stats;
@@ -54,6 +55,7 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub backend: Arc<Backend>,
     pub stats: Stats,
+    pub cache: Arc<CacheService>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,7 @@ impl Server {
             owned_path,
             shared: Arc::new(Shared {
                 config: ArcSwap::from_pointee(config),
+                cache: CacheService::new(backend.clone()),
                 backend,
                 stats: Stats::default(),
             }),

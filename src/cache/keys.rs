@@ -1,0 +1,132 @@
+//! The Redis key layout of the cache (documented in protocol.md) and the stored value
+//! format.
+//!
+//! ```text
+//! <prefix>:c:seq                 counter: lease tokens and tag invalidations are ordered by it
+//! <prefix>:c:events              pub/sub channel: "<value key>" when a waited-for key changes
+//! <prefix>:c:<ns>:v:<key>        the value: 0x01, expiry (u64 ms since epoch, BE), MessagePack
+//! <prefix>:c:<ns>:l:<key>        the lease token "<seq>.<random>" (PX lease_ms)
+//! <prefix>:c:<ns>:t:<tag>        SET of the keys that carry <tag> (PX ≥ their longest TTL)
+//! <prefix>:c:<ns>:ti:<tag>       seq of the tag's last invalidation (PX MAX_LEASE_MS)
+//! ```
+//!
+//! `<ns>` is `s` (shared) or `u<uid>` when `cache.isolate_by_uid` is on. The value and
+//! lease keys differ only in their `v`/`l` letter, so one `SCAN MATCH …:[vl]:<prefix>*`
+//! finds both for prefix invalidation.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Format version byte of a stored value.
+const BLOB_V1: u8 = 1;
+const BLOB_HEADER: usize = 9;
+
+/// The keys of one namespace.
+#[derive(Debug, Clone)]
+pub struct KeySpace {
+    /// `<prefix>:c:<ns>:`
+    base: String,
+}
+
+impl KeySpace {
+    pub fn new(prefix: &str, ns: &str) -> KeySpace {
+        KeySpace {
+            base: format!("{prefix}:c:{ns}:"),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn value(&self, key: &str) -> String {
+        format!("{}v:{key}", self.base)
+    }
+
+    pub fn lease(&self, key: &str) -> String {
+        format!("{}l:{key}", self.base)
+    }
+
+    pub fn tag_members(&self, tag: &str) -> String {
+        format!("{}t:{tag}", self.base)
+    }
+
+    pub fn tag_invalidated(&self, tag: &str) -> String {
+        format!("{}ti:{tag}", self.base)
+    }
+
+    /// SCAN pattern matching the value and lease keys of every key under `prefix`.
+    pub fn prefix_pattern(&self, prefix: &str) -> String {
+        format!("{}[vl]:{}*", glob_escape(&self.base), glob_escape(prefix))
+    }
+}
+
+pub fn seq_key(prefix: &str) -> String {
+    format!("{prefix}:c:seq")
+}
+
+pub fn events_channel(prefix: &str) -> String {
+    format!("{prefix}:c:events")
+}
+
+/// Escapes Redis glob metacharacters so a user prefix matches only itself.
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What Redis stores for one entry: the header lets `get` report `ttl_ms` (and `mget`
+/// work) with a single GET instead of GET + PTTL.
+pub fn encode_blob(ttl_ms: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BLOB_HEADER + value.len());
+    out.push(BLOB_V1);
+    out.extend_from_slice(&now_ms().saturating_add(ttl_ms).to_be_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+/// The value and its remaining TTL; None for bytes this version did not write.
+pub fn decode_blob(blob: &[u8]) -> Option<(&[u8], u64)> {
+    if blob.len() <= BLOB_HEADER || blob[0] != BLOB_V1 {
+        return None;
+    }
+    let expiry = u64::from_be_bytes(blob[1..BLOB_HEADER].try_into().ok()?);
+    // Redis enforces the expiry; this only reports it (clamped: clocks may differ).
+    let ttl = expiry.saturating_sub(now_ms()).max(1);
+    Some((&blob[BLOB_HEADER..], ttl))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_round_trips_and_rejects_foreign_bytes() {
+        let blob = encode_blob(60_000, &[0x93, 1, 2, 3]);
+        let (value, ttl) = decode_blob(&blob).unwrap();
+        assert_eq!(value, &[0x93, 1, 2, 3]);
+        assert!(ttl > 59_000 && ttl <= 60_000, "{ttl}");
+        assert!(decode_blob(b"plain string").is_none());
+    }
+
+    #[test]
+    fn prefix_pattern_escapes_glob_characters() {
+        let ks = KeySpace::new("app", "s");
+        assert_eq!(
+            ks.prefix_pattern("user:*[1]"),
+            "app:c:s:[vl]:user:\\*\\[1\\]*"
+        );
+    }
+}

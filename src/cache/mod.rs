@@ -1,0 +1,716 @@
+//! The cache-aside service: `cache.*` ops over Redis.
+//!
+//! Values are stored as the exact MessagePack bytes the client sent, so every type
+//! comes back as it went in. Leases (`cache.fetch` / `cache.fill`) let exactly one
+//! caller load a missing key while the others wait for its fill; `set`, `del` and
+//! `invalidate` void outstanding leases so a fill computed from stale data is refused.
+//! Invalidation is eager and batched (SPOP of tag sets, SCAN of prefixes), so Redis
+//! never blocks for long and no bookkeeping outlives its keys. The key layout is in
+//! [`keys`] and protocol.md.
+
+mod keys;
+mod leases;
+mod scripts;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::{Backend, BackendError};
+use crate::config::CacheConfig;
+use crate::protocol::msgpack::Writer;
+use crate::protocol::{ErrorCode, OpError, Request};
+use crate::server::Peer;
+use keys::{KeySpace, decode_blob, encode_blob};
+use leases::{Handoff, Watch, Watches};
+use scripts::Scripts;
+
+/// Longest lease a caller may ask for; tag-invalidation records live this long.
+pub const MAX_LEASE_MS: u64 = 600_000;
+/// Longest a `cache.fetch` may wait for another caller's fill.
+pub const MAX_WAIT_MS: u64 = 60_000;
+/// Most tags one entry may carry.
+pub const MAX_TAGS: usize = 64;
+/// Keys deleted per Redis call during tag invalidation (bounds each script's run time).
+const TAG_BATCH: usize = 500;
+/// SCAN COUNT per Redis call during prefix invalidation.
+const SCAN_COUNT: usize = 1000;
+/// While pub/sub is down, waiting callers' watches re-check this often.
+const POLL_WITHOUT_EVENTS: Duration = Duration::from_millis(100);
+
+pub const OPS: &[&str] = &[
+    "cache.get",
+    "cache.mget",
+    "cache.set",
+    "cache.del",
+    "cache.fetch",
+    "cache.fill",
+    "cache.invalidate",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{0}")]
+    Request(#[from] OpError),
+    #[error("`{field}` is {size} bytes, the limit is {limit}")]
+    TooLarge {
+        field: &'static str,
+        size: usize,
+        limit: u64,
+    },
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("isolate_by_uid is on but the peer's uid is unknown")]
+    NoPeerUid,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+}
+
+impl From<CacheError> for OpError {
+    fn from(e: CacheError) -> OpError {
+        let message = e.to_string();
+        match e {
+            CacheError::Request(op) => op,
+            CacheError::TooLarge { field, .. } => {
+                OpError::new(ErrorCode::TooLarge, message).with_field(field)
+            }
+            CacheError::Invalid { field, .. } => {
+                OpError::new(ErrorCode::BadRequest, message).with_field(field)
+            }
+            CacheError::NoPeerUid => OpError::new(ErrorCode::Forbidden, message),
+            CacheError::Backend(b) => b.into(),
+            CacheError::Reply(_) => OpError::new(ErrorCode::Internal, message),
+        }
+    }
+}
+
+type CacheResult = Result<Vec<u8>, CacheError>;
+
+/// Counters for the `cache` section of `stats`.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    sets: AtomicU64,
+    deletes: AtomicU64,
+    leases_granted: AtomicU64,
+    lease_waits: AtomicU64,
+    fills_stored: AtomicU64,
+    fills_rejected: AtomicU64,
+    invalidations: AtomicU64,
+    invalidated_keys: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheStatsSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    pub sets: u64,
+    pub deletes: u64,
+    pub leases_granted: u64,
+    pub lease_waits: u64,
+    pub fills_stored: u64,
+    pub fills_rejected: u64,
+    pub invalidations: u64,
+    pub invalidated_keys: u64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl CacheStats {
+    pub fn snapshot(&self) -> CacheStatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CacheStatsSnapshot {
+            hits: g(&self.hits),
+            misses: g(&self.misses),
+            sets: g(&self.sets),
+            deletes: g(&self.deletes),
+            leases_granted: g(&self.leases_granted),
+            lease_waits: g(&self.lease_waits),
+            fills_stored: g(&self.fills_stored),
+            fills_rejected: g(&self.fills_rejected),
+            invalidations: g(&self.invalidations),
+            invalidated_keys: g(&self.invalidated_keys),
+        }
+    }
+}
+
+/// The cache service; one per daemon, shared by all connections.
+pub struct CacheService {
+    backend: Arc<Backend>,
+    scripts: Scripts,
+    watches: Arc<Watches>,
+    pub stats: CacheStats,
+    seq_key: String,
+    channel: String,
+    /// Where watch tasks are spawned; set by [`CacheService::start`].
+    runtime: OnceLock<(TaskTracker, CancellationToken)>,
+}
+
+impl std::fmt::Debug for CacheService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheService").finish_non_exhaustive()
+    }
+}
+
+/// What `cache.fetch` found in Redis.
+enum Fetched {
+    Hit(Bytes),
+    Wait(u64),
+    Granted(String),
+}
+
+impl CacheService {
+    pub fn new(backend: Arc<Backend>) -> Arc<CacheService> {
+        let prefix = backend.prefix().to_owned();
+        Arc::new(CacheService {
+            backend,
+            scripts: Scripts::default(),
+            watches: Arc::new(Watches::default()),
+            stats: CacheStats::default(),
+            seq_key: keys::seq_key(&prefix),
+            channel: keys::events_channel(&prefix),
+            runtime: OnceLock::new(),
+        })
+    }
+
+    /// Starts the pub/sub listener; watch tasks will be spawned on `tasks`.
+    pub fn start(&self, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        let _ = self.runtime.set((tasks.clone(), shutdown.clone()));
+        tasks.spawn(self.watches.clone().run_events(
+            self.backend.clone(),
+            self.channel.clone(),
+            shutdown.child_token(),
+        ));
+    }
+
+    /// Runs one `cache.*` op.
+    pub async fn handle(
+        self: &Arc<Self>,
+        cfg: &CacheConfig,
+        peer: &Peer,
+        req: &Request,
+    ) -> Result<Vec<u8>, OpError> {
+        let ks = self.keyspace(cfg, peer)?;
+        let result = match req.op() {
+            "cache.get" => self.get(cfg, &ks, req).await,
+            "cache.mget" => self.mget(cfg, &ks, req).await,
+            "cache.set" => self.set(cfg, &ks, req).await,
+            "cache.del" => self.del(cfg, &ks, req).await,
+            "cache.fetch" => self.fetch(cfg, &ks, req).await,
+            "cache.fill" => self.fill(cfg, &ks, req).await,
+            "cache.invalidate" => self.invalidate(cfg, &ks, req).await,
+            other => Err(
+                OpError::new(ErrorCode::UnknownOp, format!("unknown op `{other}`"))
+                    .with_field("op")
+                    .into(),
+            ),
+        };
+        result.map_err(OpError::from)
+    }
+
+    fn keyspace(&self, cfg: &CacheConfig, peer: &Peer) -> Result<KeySpace, CacheError> {
+        if cfg.isolate_by_uid {
+            let uid = peer.uid.ok_or(CacheError::NoPeerUid)?;
+            Ok(KeySpace::new(self.backend.prefix(), &format!("u{uid}")))
+        } else {
+            Ok(KeySpace::new(self.backend.prefix(), "s"))
+        }
+    }
+
+    async fn get(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        let key = checked_key(cfg, "key", req.str("key")?)?;
+        let blob: Option<Vec<u8>> = self
+            .backend
+            .query(redis::cmd("GET").arg(ks.value(key)))
+            .await?;
+        let mut w = Writer::with_capacity(blob.as_ref().map_or(8, |b| b.len() + 24));
+        match blob.as_deref().and_then(decode_blob) {
+            Some((value, ttl)) => {
+                add(&self.stats.hits, 1);
+                w.map(3)
+                    .str("hit")
+                    .bool(true)
+                    .str("value")
+                    .raw(value)
+                    .str("ttl_ms")
+                    .uint(ttl);
+            }
+            None => {
+                add(&self.stats.misses, 1);
+                w.map(1).str("hit").bool(false);
+            }
+        }
+        Ok(w.into_vec())
+    }
+
+    async fn mget(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        let keys = req.str_list("keys")?;
+        for k in &keys {
+            checked_key(cfg, "keys", k)?;
+        }
+        let mut w = Writer::new();
+        w.array(keys.len() as u32);
+        if keys.is_empty() {
+            return Ok(w.into_vec());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for k in &keys {
+            cmd.arg(ks.value(k));
+        }
+        let blobs: Vec<Option<Vec<u8>>> = self.backend.query(&cmd).await?;
+        for blob in &blobs {
+            match blob.as_deref().and_then(decode_blob) {
+                Some((value, _)) => {
+                    add(&self.stats.hits, 1);
+                    w.map(2).str("hit").bool(true).str("value").raw(value);
+                }
+                None => {
+                    add(&self.stats.misses, 1);
+                    w.map(1).str("hit").bool(false);
+                }
+            }
+        }
+        Ok(w.into_vec())
+    }
+
+    async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        let key = checked_key(cfg, "key", req.str("key")?)?;
+        let value = checked_value(cfg, req)?;
+        let ttl = ttl_of(cfg, req)?;
+        let tags = checked_tags(cfg, req)?;
+        let mut inv = self.scripts.set.key(ks.value(key));
+        inv.key(ks.lease(key))
+            .arg(encode_blob(ttl, value))
+            .arg(ttl)
+            .arg(ks.base())
+            .arg(key)
+            .arg(&self.channel);
+        for t in &tags {
+            inv.arg(*t);
+        }
+        let mut conn = self.backend.connection()?;
+        let _: i64 = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.backend.classify(e))?;
+        add(&self.stats.sets, 1);
+        Ok(stored(true))
+    }
+
+    async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        let keys = req.str_list("keys")?;
+        for k in &keys {
+            checked_key(cfg, "keys", k)?;
+        }
+        let deleted = if keys.is_empty() {
+            0
+        } else {
+            let mut inv = self.scripts.del.prepare_invoke();
+            for k in &keys {
+                inv.key(ks.value(k)).key(ks.lease(k));
+            }
+            inv.arg(&self.channel);
+            let mut conn = self.backend.connection()?;
+            let n: u64 = inv
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.backend.classify(e))?;
+            n
+        };
+        add(&self.stats.deletes, deleted);
+        let mut w = Writer::new();
+        w.map(1).str("deleted").uint(deleted);
+        Ok(w.into_vec())
+    }
+
+    async fn fetch(
+        self: &Arc<Self>,
+        cfg: &CacheConfig,
+        ks: &KeySpace,
+        req: &Request,
+    ) -> CacheResult {
+        let key = checked_key(cfg, "key", req.str("key")?)?;
+        let lease_ms = match req.opt_positive("lease_ms")? {
+            Some(ms) if ms > MAX_LEASE_MS => {
+                return Err(invalid(
+                    "lease_ms",
+                    format!("lease_ms is at most {MAX_LEASE_MS}"),
+                ));
+            }
+            Some(ms) => ms,
+            None => cfg.lease_ms,
+        };
+        let wait_ms = match req.opt_int("wait_ms")? {
+            Some(ms) if !(0..=MAX_WAIT_MS as i64).contains(&ms) => {
+                return Err(invalid(
+                    "wait_ms",
+                    format!("wait_ms must be 0..={MAX_WAIT_MS}"),
+                ));
+            }
+            Some(ms) => ms as u64,
+            None => cfg.wait_ms,
+        };
+        let vkey = ks.value(key);
+        // Someone in this daemon already waits for this key: share their wait.
+        if wait_ms > 0 && self.watches.contains(&vkey) {
+            return Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await);
+        }
+        match self.fetch_once(&vkey, &ks.lease(key), lease_ms).await? {
+            Fetched::Hit(blob) => Ok(self.hit_or_miss(&blob)),
+            Fetched::Granted(token) => Ok(lease_granted(token)),
+            Fetched::Wait(_) if wait_ms == 0 => Ok(miss()),
+            Fetched::Wait(_) => Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await),
+        }
+    }
+
+    /// `{hit: true, value}`, counting the hit (a foreign blob counts as a miss).
+    fn hit_or_miss(&self, blob: &[u8]) -> Vec<u8> {
+        match decode_blob(blob) {
+            Some((value, _)) => {
+                add(&self.stats.hits, 1);
+                let mut w = Writer::with_capacity(value.len() + 16);
+                w.map(2).str("hit").bool(true).str("value").raw(value);
+                w.into_vec()
+            }
+            None => {
+                add(&self.stats.misses, 1);
+                miss()
+            }
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        vkey: &str,
+        lkey: &str,
+        lease_ms: u64,
+    ) -> Result<Fetched, CacheError> {
+        let random: u64 = rand_u64();
+        let mut conn = self.backend.connection()?;
+        let reply: redis::Value = self
+            .scripts
+            .fetch
+            .key(vkey)
+            .key(lkey)
+            .key(&self.seq_key)
+            .arg(lease_ms)
+            .arg(format!("{random:016x}"))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.backend.classify(e))?;
+        let (kind, payload): (i64, redis::Value) =
+            redis::from_redis_value(reply).map_err(|e| CacheError::Reply(e.to_string()))?;
+        let fetched = match kind {
+            1 => Fetched::Hit(Bytes::from(
+                redis::from_redis_value::<Vec<u8>>(payload)
+                    .map_err(|e| CacheError::Reply(e.to_string()))?,
+            )),
+            2 => Fetched::Wait(redis::from_redis_value::<i64>(payload).unwrap_or(0).max(1) as u64),
+            3 => {
+                add(&self.stats.leases_granted, 1);
+                Fetched::Granted(
+                    redis::from_redis_value::<String>(payload)
+                        .map_err(|e| CacheError::Reply(e.to_string()))?,
+                )
+            }
+            other => return Err(CacheError::Reply(format!("fetch script returned {other}"))),
+        };
+        Ok(fetched)
+    }
+
+    /// Waits, with the other callers of this daemon, for the key's fill or for a lease.
+    async fn wait_for(
+        self: &Arc<Self>,
+        vkey: String,
+        lkey: String,
+        lease_ms: u64,
+        wait_ms: u64,
+    ) -> Vec<u8> {
+        add(&self.stats.lease_waits, 1);
+        let (rx, created) = self.watches.join(&vkey, lease_ms);
+        if let Some(watch) = created {
+            match self.runtime.get() {
+                Some((tasks, shutdown)) => {
+                    let this = self.clone();
+                    let shutdown = shutdown.child_token();
+                    tasks.spawn(async move { this.run_watch(vkey, lkey, watch, shutdown).await });
+                }
+                None => self.watches.retire(&vkey),
+            }
+        }
+        match tokio::time::timeout(Duration::from_millis(wait_ms), rx).await {
+            Ok(Ok(Handoff::Value(blob))) => self.hit_or_miss(&blob),
+            Ok(Ok(Handoff::Lease(token))) => lease_granted(token),
+            // Timed out, or the daemon is stopping: load without filling.
+            _ => {
+                add(&self.stats.misses, 1);
+                miss()
+            }
+        }
+    }
+
+    /// The shared wait of one key: re-checks Redis when an event arrives for the key
+    /// or the lease runs out, hands a fresh lease to one waiter, the value to all.
+    async fn run_watch(
+        &self,
+        vkey: String,
+        lkey: String,
+        watch: Arc<Watch>,
+        shutdown: CancellationToken,
+    ) {
+        // Check at once: an event that came before this watch existed is not lost.
+        let mut pause = Duration::ZERO;
+        loop {
+            if !pause.is_zero() {
+                if !self.watches.events_live.load(Ordering::Relaxed) {
+                    pause = pause.min(POLL_WITHOUT_EVENTS);
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        self.watches.retire(&vkey);
+                        return;
+                    }
+                    _ = watch.changed.notified() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            let Some(lease_ms) = watch.next_lease_ms() else {
+                if self.watches.retire_if_idle(&vkey, &watch) {
+                    return;
+                }
+                continue;
+            };
+            match self.fetch_once(&vkey, &lkey, lease_ms).await {
+                Ok(Fetched::Hit(blob)) => {
+                    self.watches.retire(&vkey);
+                    watch.hand_value(blob);
+                    return;
+                }
+                Ok(Fetched::Granted(token)) => {
+                    if let Some(unused) = watch.hand_lease(token) {
+                        self.release(&lkey, &vkey, &unused).await;
+                    }
+                    pause = Duration::from_millis(lease_ms);
+                }
+                Ok(Fetched::Wait(remaining)) => pause = Duration::from_millis(remaining + 1),
+                Err(_) => pause = POLL_WITHOUT_EVENTS,
+            }
+        }
+    }
+
+    async fn release(&self, lkey: &str, vkey: &str, token: &str) {
+        if let Ok(mut conn) = self.backend.connection() {
+            let _: Result<i64, _> = self
+                .scripts
+                .release
+                .key(lkey)
+                .key(vkey)
+                .arg(token)
+                .arg(&self.channel)
+                .invoke_async(&mut conn)
+                .await;
+        }
+    }
+
+    async fn fill(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        let key = checked_key(cfg, "key", req.str("key")?)?;
+        let lease = req.str("lease")?;
+        let value = checked_value(cfg, req)?;
+        let ttl = ttl_of(cfg, req)?;
+        let tags = checked_tags(cfg, req)?;
+        let mut inv = self.scripts.fill.key(ks.value(key));
+        inv.key(ks.lease(key))
+            .arg(lease)
+            .arg(encode_blob(ttl, value))
+            .arg(ttl)
+            .arg(ks.base())
+            .arg(key)
+            .arg(&self.channel);
+        for t in &tags {
+            inv.arg(*t);
+        }
+        let mut conn = self.backend.connection()?;
+        let outcome: i64 = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.backend.classify(e))?;
+        let ok = outcome == 1;
+        add(
+            if ok {
+                &self.stats.fills_stored
+            } else {
+                &self.stats.fills_rejected
+            },
+            1,
+        );
+        Ok(stored(ok))
+    }
+
+    async fn invalidate(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        let tags = req.opt_str_list("tags")?.unwrap_or_default();
+        for t in &tags {
+            checked_key(cfg, "tags", t)?;
+        }
+        let prefix = req.opt_str("prefix")?;
+        if let Some(p) = prefix {
+            checked_key(cfg, "prefix", p)?;
+        }
+        if tags.is_empty() && prefix.is_none() {
+            return Err(invalid("tags", "give `tags`, `prefix`, or both"));
+        }
+        let mut conn = self.backend.connection()?;
+        let classify = |e| CacheError::from(self.backend.classify(e));
+        let mut deleted = 0u64;
+        for tag in &tags {
+            let _: i64 = self
+                .scripts
+                .invalidate_tag
+                .key(ks.tag_invalidated(tag))
+                .key(&self.seq_key)
+                .arg(MAX_LEASE_MS + 10_000)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(classify)?;
+            loop {
+                let (n, popped): (u64, u64) = self
+                    .scripts
+                    .pop_tagged
+                    .key(ks.tag_members(tag))
+                    .arg(ks.base())
+                    .arg(TAG_BATCH)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(classify)?;
+                deleted += n;
+                if popped == 0 {
+                    break;
+                }
+            }
+        }
+        if let Some(prefix) = prefix {
+            let pattern = ks.prefix_pattern(prefix);
+            let letter_pos = ks.base().len() + 1;
+            let mut cursor = "0".to_owned();
+            loop {
+                let (next, n): (String, u64) = self
+                    .scripts
+                    .scan_prefix
+                    .arg(&cursor)
+                    .arg(&pattern)
+                    .arg(SCAN_COUNT)
+                    .arg(letter_pos)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(classify)?;
+                deleted += n;
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        add(&self.stats.invalidations, 1);
+        add(&self.stats.invalidated_keys, deleted);
+        let mut w = Writer::new();
+        w.map(1).str("deleted").uint(deleted);
+        Ok(w.into_vec())
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> CacheError {
+    CacheError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+fn checked_key<'a>(
+    cfg: &CacheConfig,
+    field: &'static str,
+    key: &'a str,
+) -> Result<&'a str, CacheError> {
+    if key.is_empty() {
+        return Err(invalid(field, format!("`{field}` must not be empty")));
+    }
+    if key.len() as u64 > cfg.max_key_bytes {
+        return Err(CacheError::TooLarge {
+            field,
+            size: key.len(),
+            limit: cfg.max_key_bytes,
+        });
+    }
+    Ok(key)
+}
+
+fn checked_value<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<&'a [u8], CacheError> {
+    let value = req
+        .raw("value")
+        .ok_or_else(|| invalid("value", "field `value` is required"))?;
+    if value.len() as u64 > cfg.max_value_bytes {
+        return Err(CacheError::TooLarge {
+            field: "value",
+            size: value.len(),
+            limit: cfg.max_value_bytes,
+        });
+    }
+    Ok(value)
+}
+
+fn ttl_of(cfg: &CacheConfig, req: &Request) -> Result<u64, CacheError> {
+    Ok(req.opt_positive("ttl_ms")?.unwrap_or(cfg.default_ttl_ms))
+}
+
+fn checked_tags<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>, CacheError> {
+    let tags = req.opt_str_list("tags")?.unwrap_or_default();
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(
+            "tags",
+            format!("at most {MAX_TAGS} tags per entry"),
+        ));
+    }
+    for t in &tags {
+        checked_key(cfg, "tags", t)?;
+    }
+    Ok(tags)
+}
+
+fn stored(ok: bool) -> Vec<u8> {
+    let mut w = Writer::with_capacity(10);
+    w.map(1).str("stored").bool(ok);
+    w.into_vec()
+}
+
+fn miss() -> Vec<u8> {
+    let mut w = Writer::with_capacity(6);
+    w.map(1).str("hit").bool(false);
+    w.into_vec()
+}
+
+fn lease_granted(token: String) -> Vec<u8> {
+    let mut w = Writer::with_capacity(token.len() + 16);
+    w.map(2).str("hit").bool(false).str("lease").str(&token);
+    w.into_vec()
+}
+
+/// A random lease suffix: unguessable enough that one caller cannot fill with
+/// another's lease by accident (not a security boundary: use isolate_by_uid for that).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(keys::now_ms());
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}
