@@ -132,7 +132,13 @@ fn wrong_op_type_is_bad_request_with_the_id() {
 #[test]
 fn oversize_length_prefix_gets_too_large_and_close_without_hurting_others() {
     let redis = RedisServer::start();
-    let daemon = Daemon::start(&redis.url(), &[("SATCHEL_SERVER_MAX_FRAME_BYTES", "65536")]);
+    let daemon = Daemon::start(
+        &redis.url(),
+        &[
+            ("SATCHEL_SERVER_MAX_FRAME_BYTES", "65536"),
+            ("SATCHEL_CACHE_MAX_VALUE_BYTES", "32768"),
+        ],
+    );
     let mut other = daemon.raw();
     let mut s = daemon.raw();
     s.write_all(&(65537u32).to_be_bytes()).unwrap();

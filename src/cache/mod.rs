@@ -448,7 +448,10 @@ impl CacheService {
                     let shutdown = shutdown.child_token();
                     tasks.spawn(async move { this.run_watch(vkey, lkey, watch, shutdown).await });
                 }
-                None => self.watches.retire(&vkey),
+                None => {
+                    tracing::error!("cache service used before CacheService::start; not waiting");
+                    self.watches.retire(&vkey);
+                }
             }
         }
         match tokio::time::timeout(Duration::from_millis(wait_ms), rx).await {

@@ -126,6 +126,7 @@ impl Server {
                 .clone()
                 .run_health(shutdown.child_token()),
         );
+        self.shared.cache.start(&tasks, &shutdown);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
