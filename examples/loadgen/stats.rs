@@ -13,6 +13,11 @@ impl Samples {
         self.nanos.push(d.as_nanos() as u64);
     }
 
+    /// Adds another run's samples (for several connections measured together).
+    pub fn merge(&mut self, other: Samples) {
+        self.nanos.extend(other.nanos);
+    }
+
     pub fn finish(&mut self, elapsed: Duration) {
         self.elapsed = elapsed;
         self.nanos.sort_unstable();

@@ -1,0 +1,309 @@
+//! `loadgen cache`: cache.get through satchel against GET straight to Redis, the
+//! thundering-herd comparison, and the daemon's CPU per request.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rmpv::Value;
+use satchel::client::{Client, Fetch};
+use satchel::protocol::msgpack::{Head, Reader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+use crate::stats::{Samples, Summary};
+use crate::{Proc, start_daemon, wire};
+
+const KEYS: u64 = 10_000;
+const VALUE_BYTES: usize = 200;
+
+/// A private redis-server for the benchmark (never the shared 6379).
+fn start_redis(dir: &Path) -> (Proc, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(child), port)
+}
+
+fn key(i: u64) -> String {
+    format!("bench:{}", i % KEYS)
+}
+
+/// The id of a response frame.
+fn response_id(frame: &[u8]) -> Option<u64> {
+    let mut r = Reader::new(frame);
+    let Ok(Head::Map(n)) = r.head() else { return None };
+    for _ in 0..n {
+        let k = r.head().ok()?;
+        let v = r.clone().head().ok()?;
+        r.skip().ok()?;
+        if k == Head::Str(b"id") {
+            if let Head::Uint(id) = v {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
+/// `depth` cache.get requests in flight on one connection for `duration`.
+async fn satchel_gets(socket: PathBuf, depth: usize, duration: Duration) -> Samples {
+    let stream = UnixStream::connect(&socket).await.expect("connect");
+    let (rd, wr) = stream.into_split();
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
+    const RING: usize = 1 << 16;
+    let mut sent_at = vec![Instant::now(); RING];
+    let mut samples = Samples::default();
+    let mut next_id = 0u64;
+    let mut body = Vec::new();
+    let frame_for = |id: u64| {
+        let mut key_field = satchel::protocol::msgpack::Writer::new();
+        key_field.str(&key(id.wrapping_mul(7919)));
+        wire::request_frame(id, "cache.get", &[("key", key_field.as_slice())])
+    };
+    let started = Instant::now();
+    for _ in 0..depth {
+        wr.write_all(&frame_for(next_id)).await.expect("write");
+        sent_at[next_id as usize % RING] = Instant::now();
+        next_id += 1;
+    }
+    wr.flush().await.expect("flush");
+    while started.elapsed() < duration {
+        wire::read_frame(&mut rd, &mut body).await.expect("read");
+        let id = response_id(&body).expect("id");
+        assert!(body.windows(4).any(|w| w == b"\xa3hit"), "response has hit");
+        samples.record(sent_at[id as usize % RING].elapsed());
+        wr.write_all(&frame_for(next_id)).await.expect("write");
+        sent_at[next_id as usize % RING] = Instant::now();
+        next_id += 1;
+        if rd.buffer().len() < 4 {
+            wr.flush().await.expect("flush");
+        }
+    }
+    samples.finish(started.elapsed());
+    samples
+}
+
+/// `depth` tasks doing GET on one multiplexed redis-crate connection.
+async fn direct_gets(url: String, depth: usize, duration: Duration) -> Samples {
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let started = Instant::now();
+    let counter = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..depth)
+        .map(|_| {
+            let mut conn = conn.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut samples = Samples::default();
+                while started.elapsed() < duration {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    let v: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(format!("direct:{}", key(i.wrapping_mul(7919))))
+                        .query_async(&mut conn)
+                        .await
+                        .expect("GET");
+                    assert!(v.is_some());
+                    samples.record(t0.elapsed());
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all = Samples::default();
+    for t in tasks {
+        all.merge(t.await.expect("task"));
+    }
+    all.finish(started.elapsed());
+    all
+}
+
+async fn parallel<F, Fut>(conns: usize, f: F) -> Samples
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Samples> + Send + 'static,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conns).map(|_| tokio::spawn(f())).collect();
+    let mut all = Samples::default();
+    for t in tasks {
+        all.merge(t.await.expect("task"));
+    }
+    all.finish(started.elapsed());
+    all
+}
+
+pub fn run(duration: Duration, runs: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_redis, port) = start_redis(dir.path());
+    let url = format!("redis://127.0.0.1:{port}");
+    let (daemon, socket) = start_daemon(dir.path(), &url);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        // Same 10,000 keys with 200-byte values on both sides.
+        let client = Client::connect(&socket).await.expect("connect");
+        let value = Value::Binary(vec![b'x'; VALUE_BYTES]);
+        let mut direct = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for i in 0..KEYS {
+            client.cache_set(&key(i), value.clone(), None, &[]).await.expect("set");
+            let _: () = redis::cmd("SET")
+                .arg(format!("direct:{}", key(i)))
+                .arg(vec![b'x'; VALUE_BYTES])
+                .query_async(&mut direct)
+                .await
+                .unwrap();
+        }
+        println!(
+            "cache.get hits through satchel vs GET straight to Redis (redis crate), {KEYS} keys, {VALUE_BYTES}-byte values;\n\
+             {runs} alternating runs of {}s per case, medians; 2 cores shared by load generator, daemon and redis-server",
+            duration.as_secs()
+        );
+        println!("{:<40} {:>10} {:>9} {:>9}", "case", "ops/s", "p50 µs", "p99 µs");
+        for (conns, depth) in [(1usize, 1usize), (1, 64), (8, 64)] {
+            let mut sat = Vec::new();
+            let mut dir_ = Vec::new();
+            for _ in 0..runs {
+                let u = url.clone();
+                dir_.push(parallel(conns, move || direct_gets(u.clone(), depth, duration)).await);
+                let s = socket.clone();
+                sat.push(parallel(conns, move || satchel_gets(s.clone(), depth, duration)).await);
+            }
+            let d = Summary::median_of(&dir_);
+            let s = Summary::median_of(&sat);
+            d.print(&format!("direct GET, {conns} conn x {depth}"));
+            s.print(&format!("satchel cache.get, {conns} conn x {depth}"));
+            s.print_ratio("satchel/direct", &d);
+        }
+        herd(&socket, &url).await;
+        cpu_per_get(&socket, daemon.0.id()).await;
+    });
+}
+
+/// 200 callers want one missing key whose load takes 50 ms.
+async fn herd(socket: &Path, url: &str) {
+    const CALLERS: usize = 200;
+    let client = Client::connect(socket).await.expect("connect");
+    let loads = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let c = client.clone();
+            let loads = loads.clone();
+            tokio::spawn(async move {
+                match c.cache_fetch("herd:leased", Some(5000), Some(5000)).await.expect("fetch") {
+                    Fetch::Hit(_) => {}
+                    Fetch::Lease(lease) => {
+                        loads.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        c.cache_fill("herd:leased", &lease, Value::from("v"), None, &[]).await.expect("fill");
+                    }
+                    Fetch::Miss => {
+                        loads.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let leased = loads.load(Ordering::Relaxed);
+    // Naive cache-aside straight to Redis: GET, on a miss load and SET.
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let naive = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let mut conn = conn.clone();
+            let naive = naive.clone();
+            tokio::spawn(async move {
+                let v: Option<Vec<u8>> = redis::cmd("GET").arg("herd:naive").query_async(&mut conn).await.unwrap();
+                if v.is_none() {
+                    naive.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _: () = redis::cmd("SET").arg("herd:naive").arg("v").query_async(&mut conn).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let _: () = redis::cmd("DEL").arg("herd:naive").query_async(&mut conn).await.unwrap();
+    println!(
+        "herd: {CALLERS} concurrent callers, one missing key, 50 ms load: loads with cache.fetch/fill = {leased}, naive GET-then-SET = {}",
+        naive.load(Ordering::Relaxed)
+    );
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" of the command name; utime and stime are 14th and 15th overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Offers a fixed rate of cache.get (in batches every millisecond) and divides the
+/// daemon's CPU time (utime+stime from /proc) by the requests served.
+async fn cpu_per_get(socket: &Path, pid: u32) {
+    const RATE: u64 = 20_000;
+    const SECS: u64 = 5;
+    let client = Client::connect(socket).await.expect("connect");
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut interval = tokio::time::interval(Duration::from_millis(1));
+    let mut pending = tokio::task::JoinSet::new();
+    while started.elapsed() < Duration::from_secs(SECS) {
+        interval.tick().await;
+        let due = (started.elapsed().as_secs_f64() * RATE as f64) as u64;
+        while sent < due {
+            let c = client.clone();
+            let k = key(sent);
+            pending.spawn(async move { c.cache_get(&k).await.expect("get") });
+            sent += 1;
+        }
+        while pending.try_join_next().is_some() {}
+    }
+    while pending.join_next().await.is_some() {}
+    let cpu_s = (cpu_ticks(pid) - before) as f64 / ticks_per_sec;
+    println!(
+        "daemon CPU at {RATE} gets/s offered for {SECS}s: {:.2} µs per get ({sent} gets, {:.2} s CPU); peak RSS {} KiB",
+        cpu_s * 1e6 / sent as f64,
+        cpu_s,
+        vm_hwm_kib(pid)
+    );
+}
