@@ -1,7 +1,8 @@
 //! Client subcommands of the `satchel` binary, built on [`crate::Client`].
 //!
 //! Exit codes: 0 ok, 1 other error from the daemon, 2 invalid input (also clap's
-//! usage errors), 3 not found, 4 daemon unreachable.
+//! usage errors), 3 not found, 4 daemon unreachable (or shutting down, or at its
+//! connection limit), 5 access denied (FORBIDDEN).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -234,6 +235,7 @@ fn exit_code(e: &ClientError) -> u8 {
             Some(ErrorCode::NotFound) => 3,
             Some(ErrorCode::BadRequest | ErrorCode::InvalidMail | ErrorCode::TooLarge) => 2,
             Some(ErrorCode::Unavailable | ErrorCode::ShuttingDown) => 4,
+            Some(ErrorCode::Forbidden) => 5,
             _ => 1,
         },
         ClientError::Protocol(_) => 1,

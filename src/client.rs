@@ -50,6 +50,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>
 pub struct Client {
     outgoing: mpsc::Sender<Bytes>,
     pending: Pending,
+    /// A connection-level error the daemon sent (then it closed the connection).
+    fatal: Arc<Mutex<Option<ClientError>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -83,13 +85,29 @@ impl Client {
             }
         });
         let reader_pending = pending.clone();
+        let fatal: Arc<Mutex<Option<ClientError>>> = Arc::default();
+        let reader_fatal = fatal.clone();
         tokio::spawn(async move {
             let mut reader = FramedRead::new(rd, FrameCodec::new(u32::MAX as usize));
             while let Some(Ok(frame)) = reader.next().await {
                 let Ok((id, outcome)) = decode_response(&frame) else {
                     continue;
                 };
-                let Some(id) = id else { continue };
+                let Some(id) = id else {
+                    // An error with no id is about the connection itself (FORBIDDEN,
+                    // connection limit, TOO_LARGE): every caller gets it.
+                    if let Err(e) = outcome
+                        && let Ok(mut p) = reader_pending.lock()
+                    {
+                        for (_, waiter) in p.drain() {
+                            let _ = waiter.send(Err(e.clone()));
+                        }
+                        if let Ok(mut f) = reader_fatal.lock() {
+                            *f = Some(e);
+                        }
+                    }
+                    continue;
+                };
                 let waiter = reader_pending.lock().ok().and_then(|mut p| p.remove(&id));
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(outcome);
@@ -104,6 +122,7 @@ impl Client {
         Ok(Client {
             outgoing,
             pending,
+            fatal,
             next_id: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -120,6 +139,9 @@ impl Client {
         let mut body = Vec::new();
         rmpv::encode::write_value(&mut body, &Value::Map(map))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Some(e) = self.fatal.lock().ok().and_then(|f| f.clone()) {
+            return Err(e);
+        }
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()

@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub socket_group: String,
     pub max_frame_bytes: u64,
     pub max_inflight_per_conn: u64,
+    /// Bytes of request frames one connection may have in flight; at the bound the
+    /// daemon stops reading that socket (one frame over the bound is always let in).
+    pub max_inflight_bytes_per_conn: u64,
     pub max_connections: u64,
     pub shutdown_timeout_ms: u64,
     /// Peer uids allowed to talk to the daemon; empty (with empty `allow_gids`) = anyone
@@ -127,6 +130,7 @@ impl Default for ServerConfig {
             socket_group: String::new(),
             max_frame_bytes: 8 * 1024 * 1024,
             max_inflight_per_conn: 1024,
+            max_inflight_bytes_per_conn: 16 * 1024 * 1024,
             max_connections: 1024,
             shutdown_timeout_ms: 10_000,
             allow_uids: Vec::new(),
@@ -237,6 +241,12 @@ impl Config {
         if s.max_inflight_per_conn == 0 {
             return Err(invalid(
                 "server.max_inflight_per_conn",
+                "must be at least 1",
+            ));
+        }
+        if s.max_inflight_bytes_per_conn == 0 {
+            return Err(invalid(
+                "server.max_inflight_bytes_per_conn",
                 "must be at least 1",
             ));
         }

@@ -56,6 +56,7 @@ fn init_logging(level: &str) -> SetLogLevel {
 pub async fn serve(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let config = Config::load(config_path.as_deref())?;
     let set_log_level = init_logging(&config.log.level);
+    raise_fd_limit(config.server.max_connections);
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
 
     let server = Server::bind(config).await?;
@@ -96,6 +97,29 @@ pub async fn serve(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// systemd starts services with a soft limit of 1024 open files, below what
+/// `max_connections` (plus Redis and SMTP connections) needs: raise the soft limit to
+/// the hard one.
+fn raise_fd_limit(max_connections: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        tracing::warn!(soft, hard, "cannot raise the open-file limit");
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(soft);
+    if limit < max_connections + 64 {
+        tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below max_connections + 64; raise LimitNOFILE="
+        );
+    }
 }
 
 /// SIGHUP: re-read the config; apply what can change live (log level, limits,

@@ -26,7 +26,16 @@ fn start_redis(dir: &Path) -> (Proc, u16) {
         .map(|a| a.port())
         .expect("free port");
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -47,7 +56,9 @@ fn key(i: u64) -> String {
 /// The id of a response frame.
 fn response_id(frame: &[u8]) -> Option<u64> {
     let mut r = Reader::new(frame);
-    let Ok(Head::Map(n)) = r.head() else { return None };
+    let Ok(Head::Map(n)) = r.head() else {
+        return None;
+    };
     for _ in 0..n {
         let k = r.head().ok()?;
         let v = r.clone().head().ok()?;
@@ -103,7 +114,10 @@ async fn satchel_gets(socket: PathBuf, depth: usize, duration: Duration) -> Samp
 /// `depth` tasks doing GET on one multiplexed redis-crate connection.
 async fn direct_gets(url: String, depth: usize, duration: Duration) -> Samples {
     let client = redis::Client::open(url.as_str()).expect("client");
-    let conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
     let started = Instant::now();
     let counter = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..depth)
@@ -214,12 +228,18 @@ async fn herd(socket: &Path, url: &str) {
             let c = client.clone();
             let loads = loads.clone();
             tokio::spawn(async move {
-                match c.cache_fetch("herd:leased", Some(5000), Some(5000)).await.expect("fetch") {
+                match c
+                    .cache_fetch("herd:leased", Some(5000), Some(5000))
+                    .await
+                    .expect("fetch")
+                {
                     Fetch::Hit(_) => {}
                     Fetch::Lease(lease) => {
                         loads.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        c.cache_fill("herd:leased", &lease, Value::from("v"), None, &[]).await.expect("fill");
+                        c.cache_fill("herd:leased", &lease, Value::from("v"), None, &[])
+                            .await
+                            .expect("fill");
                     }
                     Fetch::Miss => {
                         loads.fetch_add(1, Ordering::Relaxed);
@@ -234,18 +254,31 @@ async fn herd(socket: &Path, url: &str) {
     }
     let leased = loads.load(Ordering::Relaxed);
     // Naive cache-aside straight to Redis: GET, on a miss load and SET.
-    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let naive = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..CALLERS)
         .map(|_| {
             let mut conn = conn.clone();
             let naive = naive.clone();
             tokio::spawn(async move {
-                let v: Option<Vec<u8>> = redis::cmd("GET").arg("herd:naive").query_async(&mut conn).await.unwrap();
+                let v: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg("herd:naive")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
                 if v.is_none() {
                     naive.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    let _: () = redis::cmd("SET").arg("herd:naive").arg("v").query_async(&mut conn).await.unwrap();
+                    let _: () = redis::cmd("SET")
+                        .arg("herd:naive")
+                        .arg("v")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -253,7 +286,11 @@ async fn herd(socket: &Path, url: &str) {
     for t in tasks {
         t.await.expect("task");
     }
-    let _: () = redis::cmd("DEL").arg("herd:naive").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("herd:naive")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     println!(
         "herd: {CALLERS} concurrent callers, one missing key, 50 ms load: loads with cache.fetch/fill = {leased}, naive GET-then-SET = {}",
         naive.load(Ordering::Relaxed)
@@ -265,13 +302,18 @@ fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the ")" of the command name; utime and stime are 14th and 15th overall.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -111,6 +111,11 @@ impl Request {
         })
     }
 
+    /// Size of the request's frame body, for memory budgets.
+    pub fn frame_len(&self) -> usize {
+        self.frame.len()
+    }
+
     pub fn op(&self) -> &str {
         // Checked to be UTF-8 in `parse`.
         std::str::from_utf8(&self.frame[self.op.clone()]).unwrap_or("")

@@ -35,17 +35,21 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let (max_frame, max_inflight) = {
+    let (max_frame, max_inflight, max_inflight_bytes) = {
         let cfg = shared.config.load();
         (
             cfg.server.max_frame_bytes as usize,
             cfg.server.max_inflight_per_conn as usize,
+            cfg.server.max_inflight_bytes_per_conn as usize,
         )
     };
     let (rd, wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
     let mut writer = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
     let mut inflight = FuturesUnordered::new();
+    // Bytes of request frames held by in-flight requests (a flood of large values
+    // stops the reading before it costs memory).
+    let mut inflight_bytes = 0usize;
     let mut reading = true;
     let mut draining = false;
 
@@ -61,12 +65,14 @@ pub(crate) async fn serve(
         tokio::select! {
             biased;
             Some(first) = inflight.next(), if !inflight.is_empty() => {
-                if write_batch(&mut writer, first, &mut inflight).await.is_err() {
+                if write_batch(&mut writer, first, &mut inflight, &mut inflight_bytes).await.is_err() {
                     return;
                 }
             }
             _ = shutdown.cancelled(), if !draining => draining = true,
-            frame = reader.next(), if reading && inflight.len() < max_inflight => {
+            frame = reader.next(), if reading
+                && inflight.len() < max_inflight
+                && inflight_bytes < max_inflight_bytes => {
                 let response = match frame {
                     None => {
                         reading = false;
@@ -79,7 +85,11 @@ pub(crate) async fn serve(
                         } else {
                             match Request::parse(frame) {
                                 Ok(req) => {
-                                    inflight.push(dispatch::handle(&shared, &peer, req));
+                                    let len = req.frame_len();
+                                    inflight_bytes += len;
+                                    inflight.push(
+                                        dispatch::handle(&shared, &peer, req).map(move |r| (r, len)),
+                                    );
                                     None
                                 }
                                 Err(bad) => {
@@ -120,14 +130,17 @@ pub(crate) async fn serve(
 /// once: under pipelining this turns many small writes into one syscall.
 async fn write_batch<F>(
     writer: &mut FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>,
-    first: Response,
+    first: (Response, usize),
     inflight: &mut FuturesUnordered<F>,
+    inflight_bytes: &mut usize,
 ) -> Result<(), FrameError>
 where
-    F: std::future::Future<Output = Response>,
+    F: std::future::Future<Output = (Response, usize)>,
 {
-    writer.feed(first.0).await?;
-    while let Some(Some(next)) = inflight.next().now_or_never() {
+    *inflight_bytes -= first.1;
+    writer.feed(first.0.0).await?;
+    while let Some(Some((next, len))) = inflight.next().now_or_never() {
+        *inflight_bytes -= len;
         writer.feed(next.0).await?;
     }
     writer.flush().await
