@@ -63,10 +63,8 @@ fn response_id(frame: &[u8]) -> Option<u64> {
         let k = r.head().ok()?;
         let v = r.clone().head().ok()?;
         r.skip().ok()?;
-        if k == Head::Str(b"id") {
-            if let Head::Uint(id) = v {
-                return Some(id);
-            }
+        if let (Head::Str(b"id"), Head::Uint(id)) = (k, v) {
+            return Some(id);
         }
     }
     None
