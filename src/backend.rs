@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, IntoConnectionInfo};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisConfig;
@@ -65,6 +65,10 @@ pub struct Backend {
     url: String,
     prefix: String,
     response_timeout: Duration,
+    /// Bounds commands queued on the shared connection: under overload, requests wait
+    /// here (backpressure) instead of queueing inside the redis crate, where the wait
+    /// would count against the response timeout and look like a Redis outage.
+    inflight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -103,6 +107,7 @@ impl Backend {
             url: cfg.url.clone(),
             prefix: cfg.prefix.clone(),
             response_timeout: cfg.response_timeout(),
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight as usize)),
         }))
     }
 
@@ -155,8 +160,14 @@ impl Backend {
         }
     }
 
+    /// A slot for one command on the shared connection; hold it until the reply.
+    pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.inflight.clone().acquire_owned().await.ok()
+    }
+
     /// Runs one command through the gate.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
+        let _permit = self.permit().await;
         let mut conn = self.connection()?;
         cmd.query_async(&mut conn)
             .await

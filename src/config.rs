@@ -71,6 +71,8 @@ pub struct RedisConfig {
     pub prefix: String,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
+    /// Commands the daemon keeps in flight on its shared Redis connection.
+    pub max_inflight: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,7 +132,7 @@ impl Default for ServerConfig {
             socket_group: String::new(),
             max_frame_bytes: 8 * 1024 * 1024,
             max_inflight_per_conn: 1024,
-            max_inflight_bytes_per_conn: 16 * 1024 * 1024,
+            max_inflight_bytes_per_conn: 4 * 1024 * 1024,
             max_connections: 1024,
             shutdown_timeout_ms: 10_000,
             allow_uids: Vec::new(),
@@ -146,6 +148,7 @@ impl Default for RedisConfig {
             prefix: "satchel".into(),
             connect_timeout_ms: 1000,
             response_timeout_ms: 1000,
+            max_inflight: 1024,
         }
     }
 }
@@ -262,6 +265,9 @@ impl Config {
                 "redis.prefix",
                 "must be non-empty and contain no whitespace",
             ));
+        }
+        if r.max_inflight == 0 {
+            return Err(invalid("redis.max_inflight", "must be at least 1"));
         }
         if r.connect_timeout_ms == 0 || r.response_timeout_ms == 0 {
             let key = if r.connect_timeout_ms == 0 {

@@ -301,6 +301,7 @@ impl CacheService {
         for t in &tags {
             inv.arg(*t);
         }
+        let _permit = self.backend.permit().await;
         let mut conn = self.backend.connection()?;
         let _: i64 = inv
             .invoke_async(&mut conn)
@@ -323,6 +324,7 @@ impl CacheService {
                 inv.key(ks.value(k)).key(ks.lease(k));
             }
             inv.arg(&self.channel);
+            let _permit = self.backend.permit().await;
             let mut conn = self.backend.connection()?;
             let n: u64 = inv
                 .invoke_async(&mut conn)
@@ -399,6 +401,7 @@ impl CacheService {
         lease_ms: u64,
     ) -> Result<Fetched, CacheError> {
         let random: u64 = rand_u64();
+        let _permit = self.backend.permit().await;
         let mut conn = self.backend.connection()?;
         let reply: redis::Value = self
             .scripts
@@ -515,6 +518,7 @@ impl CacheService {
     }
 
     async fn release(&self, lkey: &str, vkey: &str, token: &str) {
+        let _permit = self.backend.permit().await;
         if let Ok(mut conn) = self.backend.connection() {
             let _: Result<i64, _> = self
                 .scripts
@@ -545,6 +549,7 @@ impl CacheService {
         for t in &tags {
             inv.arg(*t);
         }
+        let _permit = self.backend.permit().await;
         let mut conn = self.backend.connection()?;
         let outcome: i64 = inv
             .invoke_async(&mut conn)
@@ -574,6 +579,7 @@ impl CacheService {
         if tags.is_empty() && prefix.is_none() {
             return Err(invalid("tags", "give `tags`, `prefix`, or both"));
         }
+        let _permit = self.backend.permit().await;
         let mut conn = self.backend.connection()?;
         let classify = |e| CacheError::from(self.backend.classify(e));
         let mut deleted = 0u64;
