@@ -20,7 +20,7 @@ const KEYS: u64 = 10_000;
 const VALUE_BYTES: usize = 200;
 
 /// A private redis-server for the benchmark (never the shared 6379).
-fn start_redis(dir: &Path) -> (Proc, u16) {
+pub fn start_redis(dir: &Path) -> (Proc, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -8,6 +8,7 @@
 //! one after the other, and prints ratios.
 
 mod cache;
+mod soak;
 mod stats;
 mod wire;
 
@@ -20,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen ping|cache [--secs N] [--runs N]");
+    eprintln!("usage: loadgen ping|cache|soak [--secs N] [--runs N] [--rate OPS]");
     std::process::exit(2)
 }
 
@@ -41,6 +42,15 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("ping") => ping(Duration::from_secs(secs), runs),
         Some("cache") => cache::run(Duration::from_secs(secs), runs),
+        Some("soak") => {
+            let rate = args
+                .iter()
+                .position(|a| a == "--rate")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2000u64);
+            soak::run(secs, rate)
+        }
         Some("--echo-server") => echo_server(Path::new(
             args.get(1).map(String::as_str).unwrap_or_else(|| usage()),
         )),
