@@ -93,6 +93,11 @@ class _Connection:
                     )
                 )
         try:
+            # shutdown first: close alone does not wake a reader blocked in recv.
+            self.sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
