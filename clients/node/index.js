@@ -262,18 +262,36 @@ export class SatchelClient {
     if (this.closedByUser) return Promise.reject(new SatchelError('CLOSED', 'client is closed'));
     if (this.conn && !this.conn.closed) return Promise.resolve(this.conn);
     if (!this.connecting) {
-      this.connecting = this.openConnection().finally(() => {
+      this.connecting = this.openWithRetry().finally(() => {
         this.connecting = null;
       });
     }
     return this.connecting;
   }
 
-  openConnection() {
+  // A daemon that refuses a connection (allow list, connection limit) sends one error
+  // frame and closes. If that close beats our hello write, the write fails with EPIPE and
+  // node discards the socket before the refusal frame is read. So a connection closed
+  // during hello without a frame is tried again, this time listening a few ms for a
+  // refusal before writing hello: the normal connect pays nothing, a refused one
+  // learns why.
+  async openWithRetry() {
+    const listenFirstMs = [0, 5, 25, 100];
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.openConnection(listenFirstMs[attempt]);
+      } catch (err) {
+        if (!(err instanceof SatchelError && err.closedDuringHello) || attempt + 1 >= listenFirstMs.length) throw err;
+      }
+    }
+  }
+
+  openConnection(listenFirstMs = 0) {
     return new Promise((resolve, reject) => {
       const socket = net.createConnection({ path: this.socketPath });
       const conn = new Connection(this, socket);
       let settled = false;
+      let connected = false;
       const timer = setTimeout(() => {
         socket.destroy(new SatchelError('UNREACHABLE', `connecting to ${this.socketPath} timed out`));
       }, this.connectTimeoutMs);
@@ -282,11 +300,18 @@ export class SatchelClient {
       socket.on('error', () => {}); // 'close' follows and carries the consequences
       socket.on('close', () => {
         clearTimeout(timer);
-        const err =
-          conn.fatal ??
-          (settled
-            ? new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed; the request may or may not have run')
-            : new SatchelError('UNREACHABLE', `cannot connect to the satchel daemon at ${this.socketPath}`));
+        let err = conn.fatal;
+        if (!err && settled) {
+          err = new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed; the request may or may not have run');
+        } else if (!err && connected) {
+          err = new SatchelError(
+            'DISCONNECTED',
+            `the satchel daemon at ${this.socketPath} closed the connection during hello (refused? see its log)`,
+          );
+          err.closedDuringHello = true;
+        } else if (!err) {
+          err = new SatchelError('UNREACHABLE', `cannot connect to the satchel daemon at ${this.socketPath}`);
+        }
         conn.failAll(err);
         if (this.conn === conn) this.conn = null;
         if (!settled) {
@@ -295,7 +320,13 @@ export class SatchelClient {
         }
       });
       socket.on('connect', () => {
+        connected = true;
         clearTimeout(timer);
+        if (listenFirstMs > 0) setTimeout(sayHello, listenFirstMs);
+        else sayHello();
+      });
+      const sayHello = () => {
+        if (conn.closed || socket.destroyed) return;
         this.sendOn(conn, 'hello', { protocol: PROTOCOL_VERSION, client: this.clientName }).then(
           (hello) => {
             if (settled) return;
@@ -318,7 +349,7 @@ export class SatchelClient {
             reject(err);
           },
         );
-      });
+      };
     });
   }
 
