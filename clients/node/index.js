@@ -356,7 +356,7 @@ export class SatchelClient {
   sendOn(conn, op, args) {
     return new Promise((resolve, reject) => {
       if (conn.closed) {
-        reject(new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed'));
+        reject(conn.fatal ?? new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed'));
         return;
       }
       const id = this.nextId;

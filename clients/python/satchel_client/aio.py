@@ -158,7 +158,8 @@ class AsyncClient:
 
     def _send(self, conn: _AioConnection, op: str, args: Dict[str, Any]) -> "asyncio.Future[Any]":
         if conn.closed:
-            raise SatchelError(DISCONNECTED, "connection to the satchel daemon closed", op=op)
+            # The daemon may already have refused this connection (FORBIDDEN, …).
+            raise conn.fatal or SatchelError(DISCONNECTED, "connection to the satchel daemon closed", op=op)
         rid = next(self._ids)
         req = {"id": rid, "op": op}
         req.update(args)

@@ -170,12 +170,19 @@ class Client:
         fut: Future = Future()
         with conn.plock:
             if conn.closed:
-                raise SatchelError(DISCONNECTED, "connection to the satchel daemon closed", op=op)
+                # The daemon may already have refused this connection (FORBIDDEN, …).
+                raise conn.fatal or SatchelError(DISCONNECTED, "connection to the satchel daemon closed", op=op)
             conn.pending[rid] = (fut, op)
         try:
             conn.sock.sendall(frame)
         except OSError:
-            conn.fail_all()
+            # The daemon closed its end. A refusal (FORBIDDEN, connection limit) may be
+            # waiting in our receive buffer: let the reader thread read it, then fail
+            # every pending request with it (or DISCONNECTED) at EOF.
+            try:
+                conn.sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                conn.fail_all()
         return fut
 
     def submit(self, op: str, args: Optional[Dict[str, Any]] = None) -> Future:

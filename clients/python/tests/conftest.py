@@ -73,9 +73,10 @@ class Redis:
 
 
 class Daemon:
-    def __init__(self, sock_path: str, redis_url: str):
+    def __init__(self, sock_path: str, redis_url: str, env=None):
         self.socket = sock_path
         self.redis_url = redis_url
+        self.extra_env = dict(env or {})
         self.proc = None
 
     def start(self):
@@ -87,6 +88,7 @@ class Daemon:
             "SATCHEL_SERVER_SOCKET": self.socket,
             "SATCHEL_REDIS_URL": self.redis_url,
             "SATCHEL_LOG_LEVEL": "warn",
+            **self.extra_env,
         }
         self.proc = subprocess.Popen([str(SATCHEL_BIN), "serve"], env=env, stdout=subprocess.DEVNULL)
 
@@ -106,10 +108,10 @@ class Daemon:
 
 
 class Stack:
-    def __init__(self):
+    def __init__(self, env=None):
         self.dir = tempfile.mkdtemp(prefix="satchel-py-")
         self.redis = Redis(self.dir)
-        self.daemon = Daemon(os.path.join(self.dir, "satchel.sock"), self.redis.url).start()
+        self.daemon = Daemon(os.path.join(self.dir, "satchel.sock"), self.redis.url, env).start()
         self.socket = self.daemon.socket
 
     def stop(self):
