@@ -17,7 +17,10 @@ import { SatchelClient } from '../index.js';
 import { startRedis, Daemon } from '../test/harness.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-process.env.SATCHEL_BIN ??= path.resolve(here, '../../../target/release/satchel');
+// Not the harness's default (the debug build): a benchmark measures the release daemon.
+const SATCHEL_BIN = process.env.SATCHEL_BIN
+  ? path.resolve(process.env.SATCHEL_BIN)
+  : path.resolve(here, '../../../target/release/satchel');
 
 function arg(name, dflt) {
   const i = process.argv.indexOf(`--${name}`);
@@ -68,7 +71,8 @@ async function measure(op, inflight, secs) {
 async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'satchel-bench-'));
   const redis = await startRedis(dir);
-  const daemon = await new Daemon(path.join(dir, 'satchel.sock'), redis.url).start();
+  const daemon = await new Daemon(path.join(dir, 'satchel.sock'), redis.url, {}, SATCHEL_BIN).start();
+  console.log(`daemon: ${SATCHEL_BIN}`);
   const satchel = new SatchelClient({ socket: daemon.socket, clientName: 'bench' });
   const direct = createClient({ url: redis.url });
   direct.on('error', () => {});

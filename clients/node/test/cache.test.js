@@ -163,7 +163,7 @@ describe('getOrSet', () => {
     let loads = 0;
     const slowHolder = client.cache.getOrSet('slow', async () => {
       loads += 1;
-      await sleep(400);
+      await sleep(800); // far longer than the waiter's steps, even on a loaded machine
       return 'holder';
     });
     await sleep(50);

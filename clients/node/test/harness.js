@@ -82,17 +82,18 @@ export async function startRedis(dir) {
 }
 
 export class Daemon {
-  constructor(socket, redisUrl, env = {}) {
+  constructor(socket, redisUrl, env = {}, bin = SATCHEL_BIN) {
     this.socket = socket;
     this.redisUrl = redisUrl;
     this.env = env;
+    this.bin = bin;
     this.child = null;
     this.log = '';
   }
 
   async start() {
-    if (!fs.existsSync(SATCHEL_BIN)) {
-      throw new Error(`satchel binary not found at ${SATCHEL_BIN}: run \`cargo build\` or set SATCHEL_BIN`);
+    if (!fs.existsSync(this.bin)) {
+      throw new Error(`satchel binary not found at ${this.bin}: run \`cargo build\` or set SATCHEL_BIN`);
     }
     const env = { PATH: process.env.PATH, HOME: process.env.HOME ?? '/tmp' };
     Object.assign(env, {
@@ -101,7 +102,7 @@ export class Daemon {
       SATCHEL_LOG_LEVEL: 'warn',
       ...this.env,
     });
-    const child = spawn(SATCHEL_BIN, ['serve'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(this.bin, ['serve'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
     child.stderr.on('data', (d) => {
       this.log += d.toString();
     });
