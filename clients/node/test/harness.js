@@ -123,11 +123,15 @@ export class Daemon {
   }
 }
 
-/** Starts redis + daemon in a fresh temp dir; `stop()` tears both down and removes the dir. */
+/**
+ * Starts redis + daemon in a fresh temp dir; `stop()` tears both down and removes the dir.
+ * `env` (extra daemon environment) may be a function of that dir.
+ */
 export async function startStack(env = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'satchel-node-'));
   const redis = await startRedis(dir);
-  const daemon = await new Daemon(path.join(dir, 'satchel.sock'), redis.url, env).start();
+  const extra = typeof env === 'function' ? env(dir) : env;
+  const daemon = await new Daemon(path.join(dir, 'satchel.sock'), redis.url, extra).start();
   return {
     dir,
     redis,

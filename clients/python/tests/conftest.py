@@ -108,8 +108,13 @@ class Daemon:
 
 
 class Stack:
+    """redis + daemon in a fresh temp dir. ``env``: extra daemon environment, or a
+    function of the dir that returns it."""
+
     def __init__(self, env=None):
         self.dir = tempfile.mkdtemp(prefix="satchel-py-")
+        if callable(env):
+            env = env(self.dir)
         self.redis = Redis(self.dir)
         self.daemon = Daemon(os.path.join(self.dir, "satchel.sock"), self.redis.url, env).start()
         self.socket = self.daemon.socket
