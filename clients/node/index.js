@@ -292,8 +292,10 @@ export class SatchelClient {
       const conn = new Connection(this, socket);
       let settled = false;
       let connected = false;
+      // Covers connect and hello: a daemon that accepts but never answers is unreachable too.
       const timer = setTimeout(() => {
-        socket.destroy(new SatchelError('UNREACHABLE', `connecting to ${this.socketPath} timed out`));
+        conn.fatal ??= new SatchelError('UNREACHABLE', `no hello from the satchel daemon at ${this.socketPath} within ${this.connectTimeoutMs} ms`);
+        socket.destroy();
       }, this.connectTimeoutMs);
       socket.setNoDelay?.(true);
       socket.on('data', (c) => conn.onData(c));
@@ -321,7 +323,6 @@ export class SatchelClient {
       });
       socket.on('connect', () => {
         connected = true;
-        clearTimeout(timer);
         if (listenFirstMs > 0) setTimeout(sayHello, listenFirstMs);
         else sayHello();
       });
@@ -330,6 +331,13 @@ export class SatchelClient {
         this.sendOn(conn, 'hello', { protocol: PROTOCOL_VERSION, client: this.clientName }).then(
           (hello) => {
             if (settled) return;
+            clearTimeout(timer);
+            if (this.closedByUser) {
+              socket.destroy();
+              settled = true;
+              reject(new SatchelError('CLOSED', 'client is closed'));
+              return;
+            }
             if (Number(hello.protocol) !== PROTOCOL_VERSION) {
               socket.destroy();
               settled = true;
@@ -390,7 +398,7 @@ export class SatchelClient {
   }
 
   /**
-   * Sends one op with its fields (nil/undefined fields are dropped) and resolves to its
+   * Sends one op with its wire fields (undefined ones are dropped) and resolves to its
    * `result`, or rejects with a SatchelError. The escape hatch for ops without a method.
    */
   async request(op, args = {}) {
@@ -410,7 +418,10 @@ export class SatchelClient {
     return camelKeys(await this.request('health'));
   }
 
-  /** Closes the connection; in-flight requests reject with DISCONNECTED. */
+  /**
+   * Closes the connection; in-flight requests reject with DISCONNECTED and later calls
+   * with CLOSED. An open connection keeps node's event loop alive: close on shutdown.
+   */
   close() {
     this.closedByUser = true;
     if (this.conn) this.conn.socket.destroy();

@@ -39,3 +39,25 @@ test('calls after close() reject with CLOSED', async () => {
   c.close();
   await assert.rejects(c.ping(), (e) => e.code === 'CLOSED');
 });
+
+test('a daemon that accepts but never answers hello is UNREACHABLE after connectTimeoutMs', async () => {
+  const net = await import('node:net');
+  const fs = await import('node:fs');
+  const os = await import('node:os');
+  const path = await import('node:path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'satchel-mute-'));
+  const sockets = [];
+  const server = net.createServer((s) => sockets.push(s));
+  await new Promise((r) => server.listen(path.join(dir, 'mute.sock'), r));
+  const c = new SatchelClient({ socket: path.join(dir, 'mute.sock'), connectTimeoutMs: 100 });
+  try {
+    const t0 = Date.now();
+    await assert.rejects(c.ping(), (e) => e.code === 'UNREACHABLE' && /no hello/.test(e.message));
+    assert.ok(Date.now() - t0 < 2000, 'gave up after the timeout, without retrying for long');
+  } finally {
+    c.close();
+    for (const s of sockets) s.destroy();
+    await new Promise((r) => server.close(r));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
