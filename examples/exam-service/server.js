@@ -92,6 +92,25 @@ export function createExamService({ satchel, db = new ExamDb(), mailFrom = 'exam
     }
   }
 
+  // Mails kept while mail was degraded go out once it works again; their idempotency
+  // keys make a repeat harmless.
+  async function flushOutbox() {
+    while (mail.outbox.length > 0) {
+      try {
+        await satchel.mail.send(mail.outbox[0]);
+      } catch (err) {
+        if (err instanceof SatchelError && (err.code === 'INVALID_MAIL' || err.code === 'BAD_REQUEST')) {
+          log(`exam-service: dropping an outbox mail the daemon rejects: ${err.message}`);
+        } else {
+          return;
+        }
+      }
+      mail.outbox.shift();
+    }
+    mail.status = 'ok';
+    mail.reason = null;
+  }
+
   const examId = (s) => {
     const id = Number(s);
     if (!Number.isInteger(id) || id <= 0) throw new HttpError(400, 'exam id must be a positive integer');
@@ -170,6 +189,7 @@ export function createExamService({ satchel, db = new ExamDb(), mailFrom = 'exam
       if (m === 'POST' && parts[2] === 'publish' && parts.length === 3) {
         const students = db.publish(id);
         if (!students) throw new HttpError(404, `no exam ${id}`);
+        if (mail.outbox.length > 0) await flushOutbox();
         const exam = await db.getExam(id);
         // Everything that shows this exam: its entry, its results and the list.
         const invalidated = await satchel.cache.invalidate({ tags: [tags.exam(id), tags.exams] });
@@ -200,6 +220,7 @@ export function createExamService({ satchel, db = new ExamDb(), mailFrom = 'exam
     });
   });
   server.mailState = mail;
+  server.flushOutbox = flushOutbox;
   return server;
 }
 
