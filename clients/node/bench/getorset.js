@@ -1,0 +1,152 @@
+// getOrSet hits from Node.js: the satchel client (cache.fetch over the daemon's socket)
+// against node-redis 5 doing the same cache-aside straight to Redis (GET, JSON.parse; SET
+// on a miss). One process, one private redis-server shared by both sides, alternating
+// runs, medians reported.
+//
+//   cargo build --release && (cd clients/node && npm ci) &&
+//   node clients/node/bench/getorset.js [--secs 2] [--runs 3] [--keys 10000] [--inflight 1,64]
+//
+// SATCHEL_BIN picks the daemon (default: target/release/satchel).
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createClient } from 'redis';
+import { SatchelClient } from '../index.js';
+import { startRedis, Daemon } from '../test/harness.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+// Not the harness's default (the debug build): a benchmark measures the release daemon.
+const SATCHEL_BIN = process.env.SATCHEL_BIN
+  ? path.resolve(process.env.SATCHEL_BIN)
+  : path.resolve(here, '../../../target/release/satchel');
+
+function arg(name, dflt) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : dflt;
+}
+const SECS = Number(arg('secs', 2));
+const RUNS = Number(arg('runs', 3));
+const KEYS = Number(arg('keys', 10000));
+const INFLIGHT = arg('inflight', '1,64').split(',').map(Number);
+
+// A typical cached row: ~200 bytes of JSON.
+const valueFor = (i) => ({
+  id: i,
+  title: `Exam ${i}: Algebra I final`,
+  date: '2026-12-01',
+  room: `B-${i % 40}`,
+  seats: 120,
+  published: false,
+  notes: 'x'.repeat(60),
+});
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+function percentile(sorted, p) {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+// `inflight` workers each loop one op at a time for `secs`; latency per op in µs.
+async function measure(op, inflight, secs) {
+  const lat = [];
+  let next = 0;
+  const end = performance.now() + secs * 1000;
+  const worker = async () => {
+    while (performance.now() < end) {
+      const k = next++ % KEYS;
+      const t0 = performance.now();
+      await op(k);
+      lat.push((performance.now() - t0) * 1000);
+    }
+  };
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: inflight }, worker));
+  const elapsed = (performance.now() - t0) / 1000;
+  lat.sort((a, b) => a - b);
+  return { ops: lat.length / elapsed, p50: percentile(lat, 50), p99: percentile(lat, 99) };
+}
+
+async function main() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'satchel-bench-'));
+  const redis = await startRedis(dir);
+  const daemon = await new Daemon(path.join(dir, 'satchel.sock'), redis.url, {}, SATCHEL_BIN).start();
+  console.log(`daemon: ${SATCHEL_BIN}`);
+  const satchel = new SatchelClient({ socket: daemon.socket, clientName: 'bench' });
+  const direct = createClient({ url: redis.url });
+  direct.on('error', () => {});
+  await direct.connect();
+
+  let loads = 0;
+  const loader = async (k) => {
+    loads += 1;
+    return valueFor(k);
+  };
+
+  // Both sides store the same values; every measured op is a hit.
+  for (let i = 0; i < KEYS; i += 500) {
+    const batch = [];
+    for (let k = i; k < Math.min(KEYS, i + 500); k++) {
+      batch.push(satchel.cache.set(`exam:${k}`, valueFor(k), { ttlMs: 3_600_000 }));
+      batch.push(direct.set(`direct:exam:${k}`, JSON.stringify(valueFor(k)), { EX: 3600 }));
+    }
+    await Promise.all(batch);
+  }
+
+  const sides = {
+    satchel: (k) => satchel.cache.getOrSet(`exam:${k}`, () => loader(k), { ttlMs: 3_600_000 }),
+    // The cache-aside a Node backend writes by hand with node-redis.
+    'node-redis': async (k) => {
+      const key = `direct:exam:${k}`;
+      const hit = await direct.get(key);
+      if (hit !== null) return JSON.parse(hit);
+      const v = await loader(k);
+      await direct.set(key, JSON.stringify(v), { EX: 3600 });
+      return v;
+    },
+  };
+
+  // Warm up both (JIT, connections).
+  for (const op of Object.values(sides)) await measure(op, 16, 0.3);
+
+  const rows = [];
+  for (const inflight of INFLIGHT) {
+    const runs = { satchel: [], 'node-redis': [] };
+    for (let r = 0; r < RUNS; r++) {
+      for (const [name, op] of Object.entries(sides)) runs[name].push(await measure(op, inflight, SECS));
+    }
+    const med = (name) => ({
+      ops: median(runs[name].map((x) => x.ops)),
+      p50: median(runs[name].map((x) => x.p50)),
+      p99: median(runs[name].map((x) => x.p99)),
+    });
+    rows.push({ inflight, satchel: med('satchel'), direct: med('node-redis') });
+  }
+
+  satchel.close();
+  await direct.quit();
+  await daemon.stop('SIGTERM');
+  await redis.stop();
+  fs.rmSync(dir, { recursive: true, force: true });
+
+  if (loads !== 0) throw new Error(`expected only hits, the loader ran ${loads} times`);
+
+  const f0 = (x) => Math.round(x).toLocaleString('en-US');
+  const f1 = (x) => x.toFixed(1);
+  console.log(`getOrSet hits, ${KEYS} keys, ~200-byte values; medians of ${RUNS} runs of ${SECS} s each side`);
+  console.log('| in flight | node-redis ops/s | satchel ops/s | ratio | node-redis p50 / p99 µs | satchel p50 / p99 µs | p50 ratio |');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|');
+  for (const r of rows) {
+    console.log(
+      `| ${r.inflight} | ${f0(r.direct.ops)} | ${f0(r.satchel.ops)} | ${(r.satchel.ops / r.direct.ops).toFixed(2)}x | ` +
+        `${f1(r.direct.p50)} / ${f1(r.direct.p99)} | ${f1(r.satchel.p50)} / ${f1(r.satchel.p99)} | ` +
+        `${(r.satchel.p50 / r.direct.p50).toFixed(2)}x |`,
+    );
+  }
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

@@ -1,0 +1,540 @@
+// satchel Node.js client: one pipelined Unix-socket connection, promise API.
+//
+// The wire contract is protocol.md at the repository root: every frame is a 4-byte
+// big-endian length and one MessagePack map; responses may arrive in any order and are
+// matched to their request by `id`.
+
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { Encoder, Decoder } from '@msgpack/msgpack';
+
+export const PROTOCOL_VERSION = 1;
+
+/** Error codes the client raises itself, beside the daemon's wire codes. */
+export const CLIENT_CODES = Object.freeze({
+  /** The connection dropped while the request was in flight; it may or may not have run. */
+  DISCONNECTED: 'DISCONNECTED',
+  /** The daemon's socket could not be connected to. */
+  UNREACHABLE: 'UNREACHABLE',
+  /** The client was closed. */
+  CLOSED: 'CLOSED',
+  /** No answer within `requestTimeoutMs` (only when that option is set). */
+  CLIENT_TIMEOUT: 'CLIENT_TIMEOUT',
+});
+
+// Codes after which calling the loader without the cache is the right move in getOrSet:
+// the cache is unreachable, not the request wrong.
+const CACHE_OUTAGE = new Set([
+  'UNAVAILABLE',
+  'TIMEOUT',
+  'SHUTTING_DOWN',
+  'DISCONNECTED',
+  'UNREACHABLE',
+  'CLIENT_TIMEOUT',
+]);
+
+export class SatchelError extends Error {
+  /**
+   * @param {string} code wire code (`BAD_REQUEST`, `UNAVAILABLE`, …) or a client code
+   * @param {string} message
+   * @param {{retryAfterMs?: number, field?: string, op?: string}} [extra]
+   */
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = 'SatchelError';
+    this.code = code;
+    this.retryAfterMs = extra.retryAfterMs;
+    this.field = extra.field;
+    this.op = extra.op;
+  }
+
+  /** True when retrying later can help (the daemon or connection said so). */
+  get retryable() {
+    return this.retryAfterMs !== undefined || this.code === 'DISCONNECTED' || this.code === 'UNREACHABLE';
+  }
+}
+
+function errorFromWire(err, op) {
+  const e = err && typeof err === 'object' ? err : {};
+  const code = typeof e.code === 'string' ? e.code : 'INTERNAL';
+  const message = typeof e.message === 'string' ? e.message : `daemon error ${code}`;
+  const retry = e.retry_after_ms;
+  return new SatchelError(code, message, {
+    retryAfterMs: retry === undefined || retry === null ? undefined : Number(retry),
+    field: typeof e.field === 'string' ? e.field : undefined,
+    op,
+  });
+}
+
+/** The daemon's default socket path, as the daemon computes it (README: server.socket). */
+export function defaultSocketPath() {
+  if (process.env.SATCHEL_SOCKET) return process.env.SATCHEL_SOCKET;
+  if (typeof process.getuid === 'function' && process.getuid() === 0) return '/run/satchel/satchel.sock';
+  if (process.env.XDG_RUNTIME_DIR) return path.join(process.env.XDG_RUNTIME_DIR, 'satchel', 'satchel.sock');
+  const uid = typeof process.getuid === 'function' ? process.getuid() : os.userInfo().uid;
+  return `/tmp/satchel-${uid}/satchel.sock`;
+}
+
+// Drop undefined fields: the daemon treats a missing field and nil alike, so sending
+// nothing is the same request in fewer bytes.
+function fields(obj) {
+  const out = {};
+  for (const [k, v] of Object.entries(obj)) if (v !== undefined) out[k] = v;
+  return out;
+}
+
+const snake = (s) => s.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
+const camel = (s) => s.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase());
+
+function isPlainObject(v) {
+  return v !== null && typeof v === 'object' && Object.getPrototypeOf(v) === Object.prototype;
+}
+
+// Result maps come back snake_case; JS callers get camelCase. Header maps are data, not
+// field names, so they are left alone.
+function camelKeys(v) {
+  if (Array.isArray(v)) return v.map(camelKeys);
+  if (!isPlainObject(v)) return v;
+  const out = {};
+  for (const [k, val] of Object.entries(v)) out[camel(k)] = k === 'headers' ? val : camelKeys(val);
+  return out;
+}
+
+/** Turns a camelCase mail into the wire's `mail.send` fields (exported for tests). */
+export function mailToWire(mail) {
+  if (!isPlainObject(mail)) throw new TypeError('mail.send expects an object');
+  const out = {};
+  for (const [k, v] of Object.entries(mail)) {
+    if (v === undefined || v === null) continue;
+    const key = snake(k);
+    if (key === 'to' || key === 'cc' || key === 'bcc') {
+      out[key] = Array.isArray(v) ? v : [v];
+    } else if (key === 'attachments') {
+      out[key] = v.map((a) => {
+        const w = {};
+        for (const [ak, av] of Object.entries(a)) {
+          if (av === undefined || av === null) continue;
+          w[snake(ak)] = ak === 'data' && typeof av === 'string' ? Buffer.from(av) : av;
+        }
+        return w;
+      });
+    } else {
+      out[key] = v;
+    }
+  }
+  return out;
+}
+
+class Connection {
+  constructor(client, socket) {
+    this.client = client;
+    this.socket = socket;
+    this.pending = new Map(); // id -> {resolve, reject, op, timer}
+    this.chunks = [];
+    this.have = 0;
+    this.frameLen = -1;
+    this.corked = false;
+    this.fatal = null; // an id-less error frame the daemon sent before closing
+    this.closed = false;
+    this.hello = null;
+  }
+
+  onData(chunk) {
+    this.chunks.push(chunk);
+    this.have += chunk.length;
+    for (;;) {
+      if (this.frameLen < 0) {
+        if (this.have < 4) return;
+        this.frameLen = this.take(4).readUInt32BE(0);
+      }
+      if (this.have < this.frameLen) return;
+      const body = this.take(this.frameLen);
+      this.frameLen = -1;
+      this.onFrame(body);
+    }
+  }
+
+  take(n) {
+    const first = this.chunks[0];
+    if (first.length >= n) {
+      this.have -= n;
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      return first.subarray(0, n);
+    }
+    const all = Buffer.concat(this.chunks, this.have);
+    this.chunks = all.length > n ? [all.subarray(n)] : [];
+    this.have -= n;
+    return all.subarray(0, n);
+  }
+
+  onFrame(body) {
+    let msg;
+    try {
+      msg = this.client.decoder.decode(body);
+    } catch (err) {
+      this.socket.destroy(new SatchelError('INTERNAL', `undecodable response frame: ${err.message}`));
+      return;
+    }
+    if (!msg || typeof msg !== 'object') return;
+    const id = msg.id;
+    if (id === null || id === undefined) {
+      // FORBIDDEN, connection-limit UNAVAILABLE or TOO_LARGE: the daemon closes next.
+      if (msg.ok === false) this.fatal = errorFromWire(msg.error, undefined);
+      return;
+    }
+    const p = this.pending.get(Number(id));
+    if (!p) return;
+    this.pending.delete(Number(id));
+    if (p.timer) clearTimeout(p.timer);
+    if (msg.ok === true) p.resolve(msg.result);
+    else p.reject(errorFromWire(msg.error, p.op));
+  }
+
+  write(frame) {
+    if (!this.corked) {
+      // Requests made in the same tick go out in one write(2).
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    this.socket.write(frame);
+  }
+
+  failAll(err) {
+    this.closed = true;
+    for (const p of this.pending.values()) {
+      if (p.timer) clearTimeout(p.timer);
+      p.reject(err);
+    }
+    this.pending.clear();
+  }
+}
+
+export class SatchelClient {
+  /**
+   * @param {object} [opts]
+   * @param {string} [opts.socket] socket path (default: SATCHEL_SOCKET or the daemon's default)
+   * @param {string} [opts.clientName] sent in `hello`, shows in the daemon's logs
+   * @param {number} [opts.connectTimeoutMs=2000]
+   * @param {number} [opts.requestTimeoutMs=0] 0: no client-side timeout
+   * @param {boolean} [opts.useBigInt64=true] int64/uint64 values decode as BigInt
+   */
+  constructor(opts = {}) {
+    this.socketPath = opts.socket ?? defaultSocketPath();
+    this.clientName = opts.clientName ?? `node/${process.pid}`;
+    this.connectTimeoutMs = opts.connectTimeoutMs ?? 2000;
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? 0;
+    const big = opts.useBigInt64 ?? true;
+    this.encoder = new Encoder({ useBigInt64: big, ignoreUndefined: true });
+    this.decoder = new Decoder({ useBigInt64: big });
+    this.nextId = 1;
+    this.conn = null;
+    this.connecting = null;
+    this.closedByUser = false;
+    this.maxFrame = 8 * 1024 * 1024;
+    this.cache = new CacheApi(this);
+    this.mail = new MailApi(this);
+  }
+
+  /** The last `hello` result (`{protocol, server, maxFrame, maxInflight, ops}`), or null. */
+  get serverInfo() {
+    return this.conn && this.conn.hello ? camelKeys(this.conn.hello) : null;
+  }
+
+  /** Connects (and says hello) if not connected; resolves to the hello result. */
+  async connect() {
+    const conn = await this.ensureConnected();
+    return camelKeys(conn.hello);
+  }
+
+  /** True when the daemon's hello listed `op` (connects first). */
+  async supports(op) {
+    const conn = await this.ensureConnected();
+    return Array.isArray(conn.hello.ops) && conn.hello.ops.includes(op);
+  }
+
+  ensureConnected() {
+    if (this.closedByUser) return Promise.reject(new SatchelError('CLOSED', 'client is closed'));
+    if (this.conn && !this.conn.closed) return Promise.resolve(this.conn);
+    if (!this.connecting) {
+      this.connecting = this.openWithRetry().finally(() => {
+        this.connecting = null;
+      });
+    }
+    return this.connecting;
+  }
+
+  // A daemon that refuses a connection (allow list, connection limit) sends one error
+  // frame and closes. If that close beats our hello write, the write fails with EPIPE and
+  // node discards the socket before the refusal frame is read. So a connection closed
+  // during hello without a frame is tried again, this time listening a few ms for a
+  // refusal before writing hello: the normal connect pays nothing, a refused one
+  // learns why.
+  async openWithRetry() {
+    const listenFirstMs = [0, 5, 25, 100];
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.openConnection(listenFirstMs[attempt]);
+      } catch (err) {
+        if (!(err instanceof SatchelError && err.closedDuringHello) || attempt + 1 >= listenFirstMs.length) throw err;
+      }
+    }
+  }
+
+  openConnection(listenFirstMs = 0) {
+    return new Promise((resolve, reject) => {
+      const socket = net.createConnection({ path: this.socketPath });
+      const conn = new Connection(this, socket);
+      let settled = false;
+      let connected = false;
+      // Covers connect and hello: a daemon that accepts but never answers is unreachable too.
+      const timer = setTimeout(() => {
+        conn.fatal ??= new SatchelError('UNREACHABLE', `no hello from the satchel daemon at ${this.socketPath} within ${this.connectTimeoutMs} ms`);
+        socket.destroy();
+      }, this.connectTimeoutMs);
+      socket.setNoDelay?.(true);
+      socket.on('data', (c) => conn.onData(c));
+      socket.on('error', () => {}); // 'close' follows and carries the consequences
+      socket.on('close', () => {
+        clearTimeout(timer);
+        let err = conn.fatal;
+        if (!err && settled) {
+          err = new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed; the request may or may not have run');
+        } else if (!err && connected) {
+          err = new SatchelError(
+            'DISCONNECTED',
+            `the satchel daemon at ${this.socketPath} closed the connection during hello (refused? see its log)`,
+          );
+          err.closedDuringHello = true;
+        } else if (!err) {
+          err = new SatchelError('UNREACHABLE', `cannot connect to the satchel daemon at ${this.socketPath}`);
+        }
+        conn.failAll(err);
+        if (this.conn === conn) this.conn = null;
+        if (!settled) {
+          settled = true;
+          reject(err);
+        }
+      });
+      socket.on('connect', () => {
+        connected = true;
+        if (listenFirstMs > 0) setTimeout(sayHello, listenFirstMs);
+        else sayHello();
+      });
+      const sayHello = () => {
+        if (conn.closed || socket.destroyed) return;
+        this.sendOn(conn, 'hello', { protocol: PROTOCOL_VERSION, client: this.clientName }).then(
+          (hello) => {
+            if (settled) return;
+            clearTimeout(timer);
+            if (this.closedByUser) {
+              socket.destroy();
+              settled = true;
+              reject(new SatchelError('CLOSED', 'client is closed'));
+              return;
+            }
+            if (Number(hello.protocol) !== PROTOCOL_VERSION) {
+              socket.destroy();
+              settled = true;
+              reject(new SatchelError('INTERNAL', `daemon speaks protocol ${hello.protocol}, this client ${PROTOCOL_VERSION}`));
+              return;
+            }
+            conn.hello = hello;
+            if (hello.max_frame) this.maxFrame = Number(hello.max_frame);
+            settled = true;
+            this.conn = conn;
+            resolve(conn);
+          },
+          (err) => {
+            if (settled) return;
+            settled = true;
+            socket.destroy();
+            reject(err);
+          },
+        );
+      };
+    });
+  }
+
+  sendOn(conn, op, args) {
+    return new Promise((resolve, reject) => {
+      if (conn.closed) {
+        reject(conn.fatal ?? new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed'));
+        return;
+      }
+      const id = this.nextId;
+      this.nextId = id >= 0xffffffff ? 1 : id + 1;
+      let body;
+      try {
+        body = this.encoder.encodeSharedRef({ id, op, ...args });
+      } catch (err) {
+        reject(new SatchelError('BAD_REQUEST', `cannot encode request: ${err.message}`, { op }));
+        return;
+      }
+      if (body.length > this.maxFrame) {
+        // The daemon would answer TOO_LARGE and close the connection; refuse it here so
+        // the other requests on this connection are not hurt.
+        reject(new SatchelError('TOO_LARGE', `request is ${body.length} bytes, the daemon's max_frame is ${this.maxFrame}`, { op }));
+        return;
+      }
+      const frame = Buffer.allocUnsafe(4 + body.length);
+      frame.writeUInt32BE(body.length, 0);
+      frame.set(body, 4);
+      const p = { resolve, reject, op, timer: null };
+      if (this.requestTimeoutMs > 0) {
+        p.timer = setTimeout(() => {
+          conn.pending.delete(id);
+          reject(new SatchelError('CLIENT_TIMEOUT', `${op}: no answer within ${this.requestTimeoutMs} ms`, { op }));
+        }, this.requestTimeoutMs);
+      }
+      conn.pending.set(id, p);
+      conn.write(frame);
+    });
+  }
+
+  /**
+   * Sends one op with its wire fields (undefined ones are dropped) and resolves to its
+   * `result`, or rejects with a SatchelError. The escape hatch for ops without a method.
+   */
+  async request(op, args = {}) {
+    const conn = this.conn && !this.conn.closed ? this.conn : await this.ensureConnected();
+    return this.sendOn(conn, op, fields(args));
+  }
+
+  ping(delayMs) {
+    return this.request('ping', { delay_ms: delayMs });
+  }
+
+  async stats() {
+    return camelKeys(await this.request('stats'));
+  }
+
+  async health() {
+    return camelKeys(await this.request('health'));
+  }
+
+  /**
+   * Closes the connection; in-flight requests reject with DISCONNECTED and later calls
+   * with CLOSED. An open connection keeps node's event loop alive: close on shutdown.
+   */
+  close() {
+    this.closedByUser = true;
+    if (this.conn) this.conn.socket.destroy();
+    this.conn = null;
+  }
+}
+
+class CacheApi {
+  constructor(client) {
+    this.client = client;
+  }
+
+  /** `{hit: true, value, ttlMs}` or `{hit: false}`. */
+  async get(key) {
+    const r = await this.client.request('cache.get', { key });
+    return r.hit ? { hit: true, value: r.value, ttlMs: Number(r.ttl_ms) } : { hit: false };
+  }
+
+  /** One `{hit, value?}` per key, in order. */
+  mget(keys) {
+    return this.client.request('cache.mget', { keys });
+  }
+
+  async set(key, value, { ttlMs, tags } = {}) {
+    const r = await this.client.request('cache.set', { key, value: value ?? null, ttl_ms: ttlMs, tags });
+    return r.stored;
+  }
+
+  /** Deletes one key or a list; resolves to how many existed. */
+  async del(keys) {
+    const r = await this.client.request('cache.del', { keys: Array.isArray(keys) ? keys : [keys] });
+    return Number(r.deleted);
+  }
+
+  /** Removes every entry carrying one of `tags` and/or starting with `prefix`; resolves to the count. */
+  async invalidate({ tags, prefix } = {}) {
+    const r = await this.client.request('cache.invalidate', { tags, prefix });
+    return Number(r.deleted);
+  }
+
+  /** `{hit: true, value}`, `{hit: false, lease}` (you load and fill) or `{hit: false}` (load, don't fill). */
+  fetch(key, { leaseMs, waitMs } = {}) {
+    return this.client.request('cache.fetch', { key, lease_ms: leaseMs, wait_ms: waitMs });
+  }
+
+  async fill(key, lease, value, { ttlMs, tags } = {}) {
+    const r = await this.client.request('cache.fill', { key, lease, value: value ?? null, ttl_ms: ttlMs, tags });
+    return r.stored;
+  }
+
+  /**
+   * Cache-aside with leases: on a hit returns the cached value; on a miss exactly one
+   * caller (per key, across daemons sharing the Redis) runs `loader` and fills, the
+   * others wait for its value. Without a lease (the holder was too slow) the loader runs
+   * and nothing is filled. A throwing loader throws here and its lease just expires.
+   * When the cache itself is out (UNAVAILABLE, TIMEOUT, connection lost) the loader runs
+   * uncached, unless `strict` is set.
+   */
+  async getOrSet(key, loader, { ttlMs, tags, leaseMs, waitMs, strict = false } = {}) {
+    let r;
+    try {
+      r = await this.fetch(key, { leaseMs, waitMs });
+    } catch (err) {
+      if (!strict && err instanceof SatchelError && CACHE_OUTAGE.has(err.code)) return loader();
+      throw err;
+    }
+    if (r.hit) return r.value;
+    const value = await loader();
+    if (r.lease) {
+      try {
+        await this.fill(key, r.lease, value, { ttlMs, tags });
+      } catch (err) {
+        if (strict || !(err instanceof SatchelError && CACHE_OUTAGE.has(err.code))) throw err;
+      }
+    }
+    return value;
+  }
+}
+
+class MailApi {
+  constructor(client) {
+    this.client = client;
+  }
+
+  /**
+   * Queues a mail: `{to, cc?, bcc?, from?, replyTo?, subject, text?, html?, headers?,
+   * attachments?: [{filename, contentType, data}], idempotencyKey?, sendAtMs?}` →
+   * `{mailId, status, duplicate}`.
+   */
+  async send(mail) {
+    return camelKeys(await this.client.request('mail.send', mailToWire(mail)));
+  }
+
+  async status(mailId) {
+    return camelKeys(await this.client.request('mail.status', { mail_id: mailId }));
+  }
+
+  async cancel(mailId) {
+    return camelKeys(await this.client.request('mail.cancel', { mail_id: mailId }));
+  }
+
+  async retry(mailId) {
+    return camelKeys(await this.client.request('mail.retry', { mail_id: mailId }));
+  }
+
+  async dead({ limit } = {}) {
+    return camelKeys(await this.client.request('mail.dead', { limit }));
+  }
+}
+
+/** Shorthand for `new SatchelClient(opts)`. */
+export function createClient(opts) {
+  return new SatchelClient(opts);
+}
+
+export default SatchelClient;

@@ -1,0 +1,164 @@
+"""What the blocking and the asyncio client share: errors, framing, field mapping."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Dict, Iterable, Optional
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+
+# Codes the client raises itself, beside the daemon's wire codes.
+DISCONNECTED = "DISCONNECTED"  # connection dropped with the request in flight; it may or may not have run
+UNREACHABLE = "UNREACHABLE"  # the socket could not be connected to
+CLOSED = "CLOSED"  # the client was closed
+CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # no answer within request_timeout
+
+# Codes after which get_or_set calls the loader uncached: the cache is out, the request is fine.
+CACHE_OUTAGE = frozenset(
+    {"UNAVAILABLE", "TIMEOUT", "SHUTTING_DOWN", DISCONNECTED, UNREACHABLE, CLIENT_TIMEOUT}
+)
+
+_HEADER = struct.Struct(">I")
+
+
+class SatchelError(Exception):
+    """An error answer from the daemon, or a client-side failure.
+
+    ``code`` is the wire code (``BAD_REQUEST``, ``UNAVAILABLE``, …) or one of the client
+    codes (``DISCONNECTED``, ``UNREACHABLE``, ``CLOSED``, ``CLIENT_TIMEOUT``).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        retry_after_ms: Optional[int] = None,
+        field: Optional[str] = None,
+        op: Optional[str] = None,
+    ):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+        self.field = field
+        self.op = op
+
+    @property
+    def retryable(self) -> bool:
+        return self.retry_after_ms is not None or self.code in (DISCONNECTED, UNREACHABLE)
+
+
+def error_from_wire(err: Any, op: Optional[str]) -> SatchelError:
+    e = err if isinstance(err, dict) else {}
+    code = e.get("code") if isinstance(e.get("code"), str) else "INTERNAL"
+    message = e.get("message") if isinstance(e.get("message"), str) else f"daemon error {code}"
+    retry = e.get("retry_after_ms")
+    field = e.get("field") if isinstance(e.get("field"), str) else None
+    return SatchelError(code, message, retry_after_ms=retry, field=field, op=op)
+
+
+def default_socket_path() -> str:
+    """The daemon's default socket path (README: ``server.socket``), or ``SATCHEL_SOCKET``."""
+    if os.environ.get("SATCHEL_SOCKET"):
+        return os.environ["SATCHEL_SOCKET"]
+    if os.getuid() == 0:
+        return "/run/satchel/satchel.sock"
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "satchel", "satchel.sock")
+    return f"/tmp/satchel-{os.getuid()}/satchel.sock"
+
+
+def encode_frame(req: Dict[str, Any], max_frame: int) -> bytes:
+    try:
+        body = msgpack.packb(req, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise SatchelError("BAD_REQUEST", f"cannot encode request: {e}", op=req.get("op")) from None
+    if len(body) > max_frame:
+        # The daemon would answer TOO_LARGE and close the connection, failing every other
+        # request on it; refuse here instead.
+        raise SatchelError(
+            "TOO_LARGE",
+            f"request is {len(body)} bytes, the daemon's max_frame is {max_frame}",
+            op=req.get("op"),
+        )
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterable[bytes]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (n,) = _HEADER.unpack_from(self._buf, 0)
+            if len(self._buf) < 4 + n:
+                break
+            out.append(bytes(self._buf[4 : 4 + n]))
+            del self._buf[: 4 + n]
+        return out
+
+
+def fields(**kw: Any) -> Dict[str, Any]:
+    """Drops unset (None) fields: the daemon treats nil and absent alike."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def as_list(v: Any) -> Any:
+    if v is None or isinstance(v, (list, tuple)):
+        return list(v) if v is not None else None
+    return [v]
+
+
+def mail_fields(
+    to: Any,
+    subject: str,
+    *,
+    cc: Any = None,
+    bcc: Any = None,
+    from_: Optional[str] = None,
+    reply_to: Optional[str] = None,
+    text: Optional[str] = None,
+    html: Optional[str] = None,
+    headers: Optional[Dict[str, str]] = None,
+    attachments: Optional[list] = None,
+    idempotency_key: Optional[str] = None,
+    send_at_ms: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The wire fields of ``mail.send``. Attachments: ``{filename, content_type, data}``
+    dicts (or 3-tuples); ``data`` is bytes (a str is sent as UTF-8)."""
+    atts = None
+    if attachments is not None:
+        atts = []
+        for a in attachments:
+            if isinstance(a, (tuple, list)):
+                a = {"filename": a[0], "content_type": a[1], "data": a[2]}
+            a = dict(a)
+            if isinstance(a.get("data"), str):
+                a["data"] = a["data"].encode()
+            atts.append({k: v for k, v in a.items() if v is not None})
+    return fields(
+        to=as_list(to),
+        cc=as_list(cc),
+        bcc=as_list(bcc),
+        **{"from": from_},
+        reply_to=reply_to,
+        subject=subject,
+        text=text,
+        html=html,
+        headers=headers,
+        attachments=atts,
+        idempotency_key=idempotency_key,
+        send_at_ms=send_at_ms,
+    )

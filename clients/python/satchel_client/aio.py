@@ -1,0 +1,301 @@
+"""The asyncio client: one connection per client, a reader task matching answers to
+requests by id, so concurrent coroutines are pipelined."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import os
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Union
+
+from ._common import (
+    CACHE_OUTAGE,
+    CLIENT_TIMEOUT,
+    CLOSED,
+    DEFAULT_MAX_FRAME,
+    DISCONNECTED,
+    PROTOCOL_VERSION,
+    UNREACHABLE,
+    FrameReader,
+    SatchelError,
+    as_list,
+    decode_body,
+    default_socket_path,
+    encode_frame,
+    error_from_wire,
+    fields,
+    mail_fields,
+)
+
+
+class _AioConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.pending: Dict[int, Any] = {}  # id -> (Future, op)
+        self.closed = False
+        self.fatal: Optional[SatchelError] = None
+        self.hello: Optional[Dict[str, Any]] = None
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.task: Optional[asyncio.Task] = None
+
+    async def read_loop(self) -> None:
+        frames = FrameReader()
+        try:
+            while True:
+                data = await self.reader.read(256 * 1024)
+                if not data:
+                    break
+                for body in frames.feed(data):
+                    self._on_frame(body)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self.fail_all()
+
+    def _on_frame(self, body: bytes) -> None:
+        try:
+            msg = decode_body(body)
+        except Exception:
+            return
+        if not isinstance(msg, dict):
+            return
+        rid = msg.get("id")
+        if rid is None:
+            if msg.get("ok") is False:
+                self.fatal = error_from_wire(msg.get("error"), None)
+            return
+        entry = self.pending.pop(rid, None)
+        if entry is None:
+            return
+        fut, op = entry
+        if fut.done():
+            return
+        if msg.get("ok") is True:
+            fut.set_result(msg.get("result"))
+        else:
+            fut.set_exception(error_from_wire(msg.get("error"), op))
+
+    def fail_all(self) -> None:
+        self.closed = True
+        pending, self.pending = self.pending, {}
+        for fut, op in pending.values():
+            if not fut.done():
+                fut.set_exception(
+                    self.fatal
+                    or SatchelError(
+                        DISCONNECTED,
+                        "connection to the satchel daemon closed; the request may or may not have run",
+                        op=op,
+                    )
+                )
+        self.writer.close()
+
+
+class AsyncClient:
+    """An asyncio satchel client. Use it from one event loop; share it between tasks."""
+
+    def __init__(
+        self,
+        socket: Optional[str] = None,
+        *,
+        client_name: Optional[str] = None,
+        connect_timeout: float = 2.0,
+        request_timeout: Optional[float] = None,
+    ):
+        self.socket_path = socket or default_socket_path()
+        self.client_name = client_name or f"python-asyncio/{os.getpid()}"
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._conn: Optional[_AioConnection] = None
+        self._connecting: Optional[asyncio.Future] = None
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.cache = AsyncCacheApi(self)
+        self.mail = AsyncMailApi(self)
+
+    async def _ensure(self) -> _AioConnection:
+        if self._closed:
+            raise SatchelError(CLOSED, "client is closed")
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        # One connect attempt shared by every coroutine that needs it.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> _AioConnection:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path, limit=1 << 20), self.connect_timeout
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            raise SatchelError(
+                UNREACHABLE, f"cannot connect to the satchel daemon at {self.socket_path}: {e!r}"
+            ) from None
+        conn = _AioConnection(reader, writer)
+        conn.task = asyncio.ensure_future(conn.read_loop())
+        try:
+            hello = await asyncio.wait_for(
+                self._send(conn, "hello", {"protocol": PROTOCOL_VERSION, "client": self.client_name}),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            conn.fail_all()
+            raise SatchelError(UNREACHABLE, "the daemon did not answer hello in time") from None
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            conn.fail_all()
+            raise SatchelError("INTERNAL", f"daemon speaks protocol {hello.get('protocol')}")
+        conn.hello = hello
+        conn.max_frame = int(hello.get("max_frame") or DEFAULT_MAX_FRAME)
+        self._conn = conn
+        return conn
+
+    def _send(self, conn: _AioConnection, op: str, args: Dict[str, Any]) -> "asyncio.Future[Any]":
+        if conn.closed:
+            # The daemon may already have refused this connection (FORBIDDEN, …).
+            raise conn.fatal or SatchelError(DISCONNECTED, "connection to the satchel daemon closed", op=op)
+        rid = next(self._ids)
+        req = {"id": rid, "op": op}
+        req.update(args)
+        frame = encode_frame(req, conn.max_frame)
+        fut = asyncio.get_running_loop().create_future()
+        conn.pending[rid] = (fut, op)
+        conn.writer.write(frame)
+        return fut
+
+    async def _call(self, op: str, args: Dict[str, Any]) -> Any:
+        conn = await self._ensure()
+        fut = self._send(conn, op, args)
+        if conn.writer.transport.get_write_buffer_size() > (1 << 20):
+            await conn.writer.drain()
+        if self.request_timeout is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(fut, self.request_timeout)
+        except asyncio.TimeoutError:
+            raise SatchelError(CLIENT_TIMEOUT, f"{op}: no answer within {self.request_timeout} s", op=op) from None
+
+    async def request(self, op: str, **args: Any) -> Any:
+        """Sends any op with its wire fields (None fields are dropped); returns its result."""
+        return await self._call(op, fields(**args))
+
+    async def connect(self) -> Dict[str, Any]:
+        return dict((await self._ensure()).hello or {})
+
+    async def supports(self, op: str) -> bool:
+        return op in ((await self.connect()).get("ops") or [])
+
+    async def ping(self, delay_ms: Optional[int] = None) -> str:
+        return await self.request("ping", delay_ms=delay_ms)
+
+    async def stats(self) -> Dict[str, Any]:
+        return await self.request("stats")
+
+    async def health(self) -> Dict[str, Any]:
+        return await self.request("health")
+
+    async def close(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail_all()
+            if conn.task is not None:
+                conn.task.cancel()
+                try:
+                    await conn.task
+                except BaseException:
+                    pass
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+async def _maybe_await(v: Any) -> Any:
+    return await v if inspect.isawaitable(v) else v
+
+
+class AsyncCacheApi:
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def get(self, key: str) -> Dict[str, Any]:
+        return await self._c.request("cache.get", key=key)
+
+    async def mget(self, keys: Sequence[str]) -> List[Dict[str, Any]]:
+        return await self._c.request("cache.mget", keys=list(keys))
+
+    async def set(self, key: str, value: Any, ttl_ms: Optional[int] = None, tags: Optional[Sequence[str]] = None) -> bool:
+        args = fields(key=key, ttl_ms=ttl_ms, tags=as_list(tags))
+        args["value"] = value
+        return (await self._c._call("cache.set", args))["stored"]
+
+    async def delete(self, keys: Union[str, Sequence[str]]) -> int:
+        return (await self._c.request("cache.del", keys=as_list(keys)))["deleted"]
+
+    async def invalidate(self, tags: Optional[Sequence[str]] = None, prefix: Optional[str] = None) -> int:
+        return (await self._c.request("cache.invalidate", tags=as_list(tags), prefix=prefix))["deleted"]
+
+    async def fetch(self, key: str, lease_ms: Optional[int] = None, wait_ms: Optional[int] = None) -> Dict[str, Any]:
+        return await self._c.request("cache.fetch", key=key, lease_ms=lease_ms, wait_ms=wait_ms)
+
+    async def fill(self, key: str, lease: str, value: Any, ttl_ms: Optional[int] = None, tags: Optional[Sequence[str]] = None) -> bool:
+        args = fields(key=key, lease=lease, ttl_ms=ttl_ms, tags=as_list(tags))
+        args["value"] = value
+        return (await self._c._call("cache.fill", args))["stored"]
+
+    async def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], Union[Any, Awaitable[Any]]],
+        ttl_ms: Optional[int] = None,
+        tags: Optional[Sequence[str]] = None,
+        lease_ms: Optional[int] = None,
+        wait_ms: Optional[int] = None,
+        strict: bool = False,
+    ) -> Any:
+        """Like ``Client.cache.get_or_set``; ``loader`` may be sync or async."""
+        try:
+            r = await self.fetch(key, lease_ms=lease_ms, wait_ms=wait_ms)
+        except SatchelError as e:
+            if not strict and e.code in CACHE_OUTAGE:
+                return await _maybe_await(loader())
+            raise
+        if r.get("hit"):
+            return r.get("value")
+        value = await _maybe_await(loader())
+        if r.get("lease"):
+            try:
+                await self.fill(key, r["lease"], value, ttl_ms=ttl_ms, tags=tags)
+            except SatchelError as e:
+                if strict or e.code not in CACHE_OUTAGE:
+                    raise
+        return value
+
+
+class AsyncMailApi:
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def send(self, to: Any, subject: str, **kw: Any) -> Dict[str, Any]:
+        return await self._c.request("mail.send", **mail_fields(to, subject, **kw))
+
+    async def status(self, mail_id: str) -> Dict[str, Any]:
+        return await self._c.request("mail.status", mail_id=mail_id)
+
+    async def cancel(self, mail_id: str) -> Dict[str, Any]:
+        return await self._c.request("mail.cancel", mail_id=mail_id)
+
+    async def retry(self, mail_id: str) -> Dict[str, Any]:
+        return await self._c.request("mail.retry", mail_id=mail_id)
+
+    async def dead(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        return await self._c.request("mail.dead", limit=limit)
