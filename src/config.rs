@@ -37,6 +37,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub redis: RedisConfig,
     pub log: LogConfig,
+    pub mail: crate::mail::MailConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +236,7 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{e}")));
         }
+        self.mail.validate()?;
         Ok(())
     }
 

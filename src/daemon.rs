@@ -124,11 +124,14 @@ async fn status_updates(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut last = String::new();
     loop {
         let s = shared.stats.snapshot();
+        let mail = &shared.mail.counters;
         let line = format!(
-            "{} connections, {} requests, redis {}",
+            "{} connections, {} requests, redis {}, mail queue {}, sending {}",
             s.connections,
             s.requests,
-            if shared.backend.is_up() { "up" } else { "DOWN" }
+            if shared.backend.is_up() { "up" } else { "DOWN" },
+            mail.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
+            mail.sending.load(std::sync::atomic::Ordering::Relaxed),
         );
         if line != last {
             systemd::status(&line);

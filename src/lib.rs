@@ -7,6 +7,8 @@
 //!   response envelopes, stable error codes). protocol.md is its contract.
 //! - [`server`]: the accept loop, one task per connection, the op dispatch table.
 //! - [`backend`]: the shared Redis connection with a fail-fast health gate.
+//! - [`mail`]: the durable mail queue (`mail.*` ops): Redis Streams consumer group,
+//!   retries, dead letters, SMTP delivery through a nodelay connection pool.
 //! - [`config`]: TOML + `SATCHEL_*` environment overrides, validated.
 //! - [`systemd`]: readiness, status, watchdog, socket activation; nothing else knows
 //!   about systemd.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod mail;
 pub mod protocol;
 pub mod server;
 pub mod stats;

@@ -16,7 +16,9 @@ pub const CORE_OPS: &[&str] = &["hello", "ping", "stats", "health"];
 
 /// Every op this server answers, as `hello` reports them.
 pub fn all_ops() -> Vec<&'static str> {
-    CORE_OPS.to_vec()
+    let mut ops = CORE_OPS.to_vec();
+    ops.extend_from_slice(crate::mail::OPS);
+    ops
 }
 
 /// `ping {delay_ms}` is capped so a client cannot park a request for ever.
@@ -31,8 +33,9 @@ pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Respon
     let result = match req.op() {
         "hello" => hello(shared, &req),
         "ping" => ping(&req).await,
-        "stats" => stats(shared),
+        "stats" => stats(shared).await,
         "health" => health(shared).await,
+        op if op.starts_with("mail.") => crate::mail::handle(shared, &req).await,
         other => Err(OpError::new(
             ErrorCode::UnknownOp,
             format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -116,9 +119,10 @@ struct StatsResult<'a> {
     errors: u64,
     inflight: u64,
     redis: RedisStats<'a>,
+    mail: crate::mail::MailStats,
 }
 
-fn stats(shared: &Shared) -> OpResult {
+async fn stats(shared: &Shared) -> OpResult {
     let CoreSnapshot {
         uptime_ms,
         connections,
@@ -140,6 +144,7 @@ fn stats(shared: &Shared) -> OpResult {
             connected: shared.backend.is_up(),
             url: shared.backend.url(),
         },
+        mail: crate::mail::stats(shared).await,
     })
 }
 

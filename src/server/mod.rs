@@ -54,6 +54,7 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub backend: Arc<Backend>,
     pub stats: Stats,
+    pub mail: crate::mail::MailService,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +65,8 @@ pub enum ServerError {
     Activation(std::io::Error),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("mail transport: {0}")]
+    Mail(String),
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -80,6 +83,7 @@ impl Server {
     /// makes one attempt to reach Redis (the daemon starts either way).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let backend = Backend::new(&config.redis)?;
+        let mail = crate::mail::MailService::new(&config).map_err(ServerError::Mail)?;
         let (listener, owned_path) =
             match crate::systemd::activated_listener().map_err(ServerError::Activation)? {
                 Some(std_listener) => {
@@ -106,6 +110,7 @@ impl Server {
                 config: ArcSwap::from_pointee(config),
                 backend,
                 stats: Stats::default(),
+                mail,
             }),
         })
     }
@@ -123,6 +128,11 @@ impl Server {
                 .clone()
                 .run_health(shutdown.child_token()),
         );
+        tasks.spawn(crate::mail::worker::run(
+            self.shared.clone(),
+            shutdown.child_token(),
+            tasks.clone(),
+        ));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
