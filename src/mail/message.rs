@@ -6,8 +6,8 @@
 
 use std::collections::HashSet;
 
-use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Body as MimeBody, Mailbox, MultiPart, SinglePart};
 use rmpv::Value;
 
 use super::MailError;
@@ -293,7 +293,11 @@ pub fn build(
         no_crlf("attachments", ct)?;
         let ct = ContentType::parse(ct)
             .map_err(|_| invalid("attachments", format!("{ct:?} is not a content type")))?;
-        parts.push(Attachment::new(a.filename.clone()).body(a.data.clone(), ct));
+        // Always base64: lettre would pick 7bit for ASCII data and put its bare LFs on
+        // the wire, which strict servers refuse (SMTP smuggling defences).
+        let body = MimeBody::new_with_encoding(a.data.clone(), ContentTransferEncoding::Base64)
+            .map_err(|_| invalid("attachments", "cannot encode the attachment"))?;
+        parts.push(Attachment::new(a.filename.clone()).body(body, ct));
     }
     // Cheap early bound before rendering (base64 grows attachments by a third).
     let approx: usize = d.text.as_ref().map_or(0, String::len)
