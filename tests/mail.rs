@@ -984,3 +984,172 @@ async fn redis_down_answers_unavailable_or_sends_directly() {
             .any(|m| m["rcpt_tos"] == serde_json::json!(["direct@example.com"]))
     );
 }
+
+#[tokio::test]
+async fn a_poison_entry_left_by_a_dead_consumer_goes_dead() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let mut r = redis.conn();
+    // A consumer that died mid-delivery eight times: status `sending`, attempts at the
+    // limit, its entry pending on a consumer that no longer exists.
+    let _: () = redis::cmd("HSET")
+        .arg("satchel:m:s:poison1")
+        .arg(&[
+            ("status", "sending"),
+            ("attempts", "8"),
+            ("from", "app@example.org"),
+            ("rcpt", "ann@example.com"),
+            ("to", "ann@example.com"),
+            ("subject", "Crashy"),
+            ("raw", "Subject: Crashy\r\n\r\nx\r\n"),
+        ])
+        .query(&mut r)
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", "satchel:m:stream", "workers", "0", "MKSTREAM"])
+        .query(&mut r)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&["satchel:m:stream", "*", "id", "poison1"])
+        .query(&mut r)
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "workers",
+            "ghost",
+            "COUNT",
+            "1",
+            "STREAMS",
+            "satchel:m:stream",
+            ">",
+        ])
+        .query(&mut r)
+        .unwrap();
+    let daemon = start(&redis, &fast(sink.port));
+    let c = daemon.client().await;
+    let ok = eventually(WAIT, || {
+        let c = c.clone();
+        async move { s(&status(&c, "poison1").await, "status") == "dead" }
+    })
+    .await;
+    assert!(ok, "{}", daemon.log_text());
+    let st = status(&c, "poison1").await;
+    assert!(s(&st, "last_error").contains("poison"), "{st}");
+    assert_eq!(sink.count(), 0);
+    let ok = wait_until(WAIT, || {
+        redis::cmd("XLEN")
+            .arg("satchel:m:stream")
+            .query::<u64>(&mut r)
+            .unwrap()
+            == 0
+    });
+    assert!(ok, "the poison entry is acknowledged and deleted");
+}
+
+#[tokio::test]
+async fn a_slow_delivery_keeps_its_claim_and_is_not_sent_twice() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    // Deliveries take 5x the claim idle time; two daemons watch each other's entries.
+    let env = with(fast(sink.port), "SATCHEL_MAIL_CLAIM_IDLE_MS", "300");
+    let a = start(&redis, &env);
+    let b = start(&redis, &env);
+    let c = a.client().await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let r = send(&c, basic(&format!("slow1500+{i}@example.com"))).await;
+        ids.push(s(&r, "mail_id").to_owned());
+    }
+    for id in &ids {
+        let st = wait_status(&c, id, "sent").await;
+        assert_eq!(field(&st, "attempts").as_u64(), Some(1), "{st}");
+    }
+    assert_eq!(sink.count(), 4, "no delivery was taken over mid-flight");
+    let cb = b.client().await;
+    let reclaimed = |st: &Value| {
+        field(field(st, "mail"), "local_reclaimed")
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        reclaimed(&c.stats().await.unwrap()) + reclaimed(&cb.stats().await.unwrap()),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_global_rate_limit_holds_across_daemons() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let env = with(fast(sink.port), "SATCHEL_MAIL_RATE_PER_SEC", "10");
+    let a = start(&redis, &env);
+    let _b = start(&redis, &env);
+    let c = a.client().await;
+    for i in 0..30 {
+        send(&c, basic(&format!("r{i}@example.com"))).await;
+    }
+    assert!(
+        wait_until(WAIT, || sink.count() >= 30),
+        "only {} sent",
+        sink.count()
+    );
+    let mut times: Vec<u64> = sink
+        .received()
+        .iter()
+        .map(|m| m["t_ms"].as_u64().unwrap())
+        .collect();
+    times.sort();
+    // 30 mails at 10/s in fixed one-second windows take more than two seconds.
+    // 30 mails at 10/s need three one-second windows, so more than one second even
+    // when the first window is nearly over (minus delivery jitter).
+    let span = times[29] - times[0];
+    assert!(span >= 900, "30 mails in {span} ms at rate_per_sec 10");
+    // and no one-second window holds more than two windows' worth.
+    for (i, t) in times.iter().enumerate() {
+        let within = times[i..].iter().take_while(|u| **u < t + 1000).count();
+        assert!(within <= 20, "{within} mails within 1 s of {t}");
+    }
+}
+
+#[tokio::test]
+async fn sent_mail_keeps_a_bounded_status_record_and_no_body() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let env = with(
+        fast(sink.port),
+        "SATCHEL_MAIL_STATUS_RETENTION_MS",
+        "600000",
+    );
+    let env = with(env, "SATCHEL_MAIL_IDEMPOTENCY_TTL_MS", "60000");
+    let daemon = start(&redis, &env);
+    let c = daemon.client().await;
+    let mut f = basic("ann@example.com");
+    f.push(("idempotency_key", Value::from("k1")));
+    let id = s(&send(&c, f).await, "mail_id").to_owned();
+    wait_status(&c, &id, "sent").await;
+    let mut r = redis.conn();
+    let key = format!("satchel:m:s:{id}");
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut r).unwrap();
+    assert!(ttl > 590_000 && ttl <= 600_000, "status TTL {ttl}");
+    let has_raw: bool = redis::cmd("HEXISTS")
+        .arg(&key)
+        .arg("raw")
+        .query(&mut r)
+        .unwrap();
+    assert!(!has_raw, "the message body is dropped once sent");
+    let idem_ttl: i64 = redis::cmd("PTTL")
+        .arg("satchel:m:idem:k1")
+        .query(&mut r)
+        .unwrap();
+    assert!(
+        idem_ttl > 50_000 && idem_ttl <= 60_000,
+        "idempotency TTL {idem_ttl}"
+    );
+    let len: u64 = redis::cmd("XLEN")
+        .arg("satchel:m:stream")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(len, 0, "acknowledged entries are deleted from the stream");
+    let _ = sink;
+}

@@ -113,25 +113,23 @@ async fn reader(
                 }
             },
         };
-        // One free slot before reading, then as many more as are free right now.
-        let first = tokio::select! {
+        // Wait for a free slot but do not hold it while blocked in the read: the
+        // janitor needs free slots to reclaim entries of dead consumers.
+        match tokio::select! {
             _ = shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let mut permits = vec![first];
-        while permits.len() < READ_BATCH {
-            match slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
+            p = slots.acquire() => p,
+        } {
+            Ok(p) => drop(p),
+            Err(_) => return,
         }
+        let count = slots.available_permits().clamp(1, READ_BATCH);
         let mut read_cmd = redis::cmd("XREADGROUP");
         read_cmd
             .arg("GROUP")
             .arg(GROUP)
             .arg(&mail.consumer)
             .arg("COUNT")
-            .arg(permits.len())
+            .arg(count)
             .arg("BLOCK")
             .arg(BLOCK_MS)
             .arg("STREAMS")
@@ -146,7 +144,12 @@ async fn reader(
         match reply {
             Ok(v) => {
                 for (entry_id, mail_id) in stream_entries(&v) {
-                    let Some(permit) = permits.pop() else { break };
+                    // Usually free at once; if the janitor took the slots meanwhile,
+                    // wait for a delivery to end (on shutdown the rest stay pending).
+                    let permit = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    };
                     spawn_delivery(&shared, &cfg, &tasks, entry_id, mail_id, permit, false);
                 }
             }
