@@ -2,7 +2,7 @@
 """A real SMTP server for satchel's mail tests (aiosmtpd).
 
 Every accepted message is appended as one JSON line to --out:
-  {"mail_from", "rcpt_tos", "data", "tls", "auth", "t_ms"}
+  {"mail_from", "rcpt_tos", "data", "tls", "auth", "t_ms", "t_us"}
 
 Behaviour is chosen per recipient by the local part (what comes before an optional
 "+tag", so tests can use fresh addresses: fail451-twice+t1@example.com):
@@ -74,6 +74,7 @@ class Handler:
             "data": envelope.content.decode("utf-8", "replace"),
             "tls": session.ssl is not None,
             "t_ms": int(time.time() * 1000),
+            "t_us": int(time.time() * 1_000_000),
             "auth": (session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None),
         }
         with LOCK:

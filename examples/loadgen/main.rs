@@ -7,6 +7,7 @@
 //! Every comparison runs both sides in the same process run, on the same machine,
 //! one after the other, and prints ratios.
 
+mod mail;
 mod stats;
 mod wire;
 
@@ -19,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen ping [--secs N] [--runs N]");
+    eprintln!("usage: loadgen ping|mail [--secs N] [--runs N]");
     std::process::exit(2)
 }
 
@@ -39,6 +40,7 @@ fn main() {
         .unwrap_or(3usize);
     match args.first().map(String::as_str) {
         Some("ping") => ping(Duration::from_secs(secs), runs),
+        Some("mail") => mail::mail(Duration::from_secs(secs), runs),
         Some("--echo-server") => echo_server(Path::new(
             args.get(1).map(String::as_str).unwrap_or_else(|| usage()),
         )),
