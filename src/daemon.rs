@@ -108,6 +108,12 @@ fn reload(path: Option<&Path>, shared: &Arc<Shared>, set_log_level: &SetLogLevel
             if new.server.socket != old.server.socket || new.redis != old.redis {
                 tracing::warn!("server.socket and [redis] changes take effect after a restart");
             }
+            if new.mail != old.mail {
+                tracing::warn!(
+                    "[mail] transport, concurrency and retry settings take effect after a restart; \
+                     from, max_message_bytes and the retention times apply now"
+                );
+            }
             if let Err(e) = set_log_level(&new.log.level) {
                 tracing::warn!(error = %e, "cannot change the log level");
             }

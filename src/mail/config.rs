@@ -168,3 +168,61 @@ impl MailConfig {
         Duration::from_millis(self.smtp_command_timeout_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, String> {
+        Config::load_with_env(
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_env_overrides_reach_the_mail_section() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.mail.concurrency, 16);
+        assert_eq!(c.mail.max_message_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.mail.transport_kind(), super::TransportKind::File);
+        let c = load(&[
+            ("SATCHEL_MAIL_CONCURRENCY", "4"),
+            (
+                "SATCHEL_MAIL_SMTP_URL",
+                "smtp://u:p@mail.example.com:587?tls=required",
+            ),
+            ("SATCHEL_MAIL_ENABLED", "false"),
+        ])
+        .unwrap();
+        assert_eq!(c.mail.concurrency, 4);
+        assert!(!c.mail.enabled);
+        assert_eq!(c.mail.transport_kind(), super::TransportKind::Smtp);
+    }
+
+    #[test]
+    fn invalid_mail_settings_name_the_key() {
+        for (var, value, key) in [
+            ("SATCHEL_MAIL_SMTP_URL", "http://x", "mail.smtp_url"),
+            ("SATCHEL_MAIL_FROM", "not an address", "mail.from"),
+            ("SATCHEL_MAIL_CONCURRENCY", "0", "mail.concurrency"),
+            ("SATCHEL_MAIL_TRANSPORT", "pigeon", "mail.transport"),
+            ("SATCHEL_MAIL_RETRY_MAX_MS", "10", "mail.retry_max_ms"),
+            (
+                "SATCHEL_MAIL_IDEMPOTENCY_TTL_MS",
+                "999999999999",
+                "mail.idempotency_ttl_ms",
+            ),
+            ("SATCHEL_MAIL_ON_REDIS_DOWN", "panic", "mail.on_redis_down"),
+            (
+                "SATCHEL_MAIL_TLS_CA_FILE",
+                "/nonexistent/ca.pem",
+                "mail.tls_ca_file",
+            ),
+        ] {
+            let e = load(&[(var, value)]).unwrap_err();
+            assert!(e.contains(key), "{var}={value}: {e}");
+        }
+    }
+}
