@@ -1153,3 +1153,67 @@ async fn sent_mail_keeps_a_bounded_status_record_and_no_body() {
     assert_eq!(len, 0, "acknowledged entries are deleted from the stream");
     let _ = sink;
 }
+
+#[tokio::test]
+async fn reclaimed_entries_already_sent_or_deleted_are_acknowledged_without_delivery() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let mut r = redis.conn();
+    // A consumer that wrote `sent` and died before its ack; and one whose entry was
+    // deleted from the stream while pending.
+    let _: () = redis::cmd("HSET")
+        .arg("satchel:m:s:done1")
+        .arg(&[
+            ("status", "sent"),
+            ("attempts", "1"),
+            ("from", "app@example.org"),
+            ("rcpt", "ann@example.com"),
+        ])
+        .query(&mut r)
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", "satchel:m:stream", "workers", "0", "MKSTREAM"])
+        .query(&mut r)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&["satchel:m:stream", "*", "id", "done1"])
+        .query(&mut r)
+        .unwrap();
+    let gone: String = redis::cmd("XADD")
+        .arg(&["satchel:m:stream", "*", "id", "gone1"])
+        .query(&mut r)
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "workers",
+            "ghost",
+            "COUNT",
+            "2",
+            "STREAMS",
+            "satchel:m:stream",
+            ">",
+        ])
+        .query(&mut r)
+        .unwrap();
+    let _: u64 = redis::cmd("XDEL")
+        .arg("satchel:m:stream")
+        .arg(&gone)
+        .query(&mut r)
+        .unwrap();
+    let _daemon = start(&redis, &fast(sink.port));
+    let ok = wait_until(WAIT, || {
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(&["satchel:m:stream", "workers"])
+            .query(&mut r)
+            .unwrap();
+        pending.0 == 0
+    });
+    assert!(ok, "both entries leave the pending list");
+    let len: u64 = redis::cmd("XLEN")
+        .arg("satchel:m:stream")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(len, 0);
+    assert_eq!(sink.count(), 0, "an entry already sent is not sent again");
+}
