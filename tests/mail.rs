@@ -882,7 +882,7 @@ async fn mail_waits_while_smtp_is_down_and_goes_out_after() {
 }
 
 #[tokio::test]
-async fn starttls_and_auth_against_a_test_certificate() {
+async fn starttls_smtps_and_auth_against_a_test_certificate() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -929,6 +929,34 @@ async fn starttls_and_auth_against_a_test_certificate() {
     let id = s(&send(&c, basic("ann@example.com")).await, "mail_id").to_owned();
     let st = wait_status(&c, &id, "dead").await;
     assert!(s(&st, "last_error").contains("535"), "{st}");
+
+    // smtps:// (TLS from the first byte), also over our own nodelay stream.
+    let tls_port = unused_port();
+    let tls_sink = SmtpSink::start_with(
+        tls_port,
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+            "--implicit-tls",
+            "--auth",
+            "mailer:s3cret",
+        ],
+    );
+    let env = with(
+        env,
+        "SATCHEL_MAIL_SMTP_URL",
+        &format!("smtps://mailer:s3cret@localhost:{tls_port}"),
+    );
+    drop(daemon);
+    let daemon = start(&redis, &env);
+    let c = daemon.client().await;
+    let id = s(&send(&c, basic("ann@example.com")).await, "mail_id").to_owned();
+    wait_status(&c, &id, "sent").await;
+    let got = tls_sink.received();
+    assert_eq!(got[0]["tls"], true);
+    assert_eq!(got[0]["auth"], "mailer");
 }
 
 #[tokio::test]

@@ -14,7 +14,8 @@ Behaviour is chosen per recipient by the local part (what comes before an option
   slow<ms>         the message is accepted only after <ms> milliseconds (e.g. slow800)
   anything else    accepted
 
---tls-cert/--tls-key enable STARTTLS (and --require-tls refuses mail before it);
+--tls-cert/--tls-key enable STARTTLS (and --require-tls refuses mail before it), or
+with --implicit-tls, TLS from the first byte (smtps);
 --auth user:pass requires AUTH PLAIN/LOGIN with those credentials.
 """
 
@@ -72,7 +73,8 @@ class Handler:
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
             "data": envelope.content.decode("utf-8", "replace"),
-            "tls": session.ssl is not None,
+            "tls": session.ssl is not None
+            or server.transport.get_extra_info("ssl_object") is not None,
             "t_ms": int(time.time() * 1000),
             "t_us": int(time.time() * 1_000_000),
             "auth": (session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None),
@@ -90,15 +92,20 @@ def main():
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--require-tls", action="store_true")
+    p.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte (smtps)")
     p.add_argument("--auth")
     a = p.parse_args()
 
     kwargs = {}
+    controller_kwargs = {}
     if a.tls_cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(a.tls_cert, a.tls_key)
-        kwargs["tls_context"] = ctx
-        kwargs["require_starttls"] = a.require_tls
+        if a.implicit_tls:
+            controller_kwargs["ssl_context"] = ctx
+        else:
+            kwargs["tls_context"] = ctx
+            kwargs["require_starttls"] = a.require_tls
     if a.auth:
         user, password = a.auth.split(":", 1)
 
@@ -115,7 +122,7 @@ def main():
 
         kwargs["authenticator"] = authenticator
         kwargs["auth_required"] = True
-        kwargs["auth_require_tls"] = bool(a.tls_cert)
+        kwargs["auth_require_tls"] = bool(a.tls_cert) and not a.implicit_tls
     else:
         kwargs["auth_require_tls"] = False
 
@@ -126,6 +133,7 @@ def main():
         decode_data=False,
         enable_SMTPUTF8=True,
         **kwargs,
+        **controller_kwargs,
     )
     controller.start()
     print("READY", a.port, flush=True)

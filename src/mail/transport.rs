@@ -10,17 +10,22 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use lettre::Address;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use super::config::{MailConfig, TransportKind};
 
@@ -334,33 +339,47 @@ impl SmtpPool {
         }
     }
 
+    async fn tcp(&self, addr: (&str, u16)) -> Result<TcpStream, SendError> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| {
+            SendError::Transient(format!(
+                "connect to {}:{}: {e}",
+                self.url.host, self.url.port
+            ))
+        })?;
+        // The point of owning the pool: without this, each message on a reused
+        // connection waits for the peer's delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
     /// Connects, greets, upgrades to TLS and authenticates, all within the connect
     /// timeout.
     pub async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
         let addr = (self.url.host.as_str(), self.url.port);
         let setup = async {
             let mut conn = match (self.url.tls, &self.tls) {
-                // Implicit TLS goes through lettre's own connect, which cannot take a
-                // stream we made; it does not set nodelay (see BENCHMARKS.md).
-                (TlsMode::Implicit, Some(tls)) => AsyncSmtpConnection::connect_tokio1(
-                    addr,
-                    Some(self.connect_timeout),
-                    &self.hello,
-                    Some(tls.clone()),
-                    None,
-                )
-                .await
-                .map_err(|e| smtp_error("TLS connect", e))?,
+                (TlsMode::Implicit, Some(tls)) => {
+                    let tcp = self.tcp(addr).await?;
+                    // TLS from the first byte over our nodelay stream: lettre's
+                    // network stream does the handshake, and goes back in wrapped.
+                    #[allow(deprecated)]
+                    let mut stream =
+                        lettre::transport::smtp::client::AsyncNetworkStream::use_existing_tokio1(
+                            Box::new(tcp),
+                        );
+                    stream
+                        .upgrade_tls(tls.clone())
+                        .await
+                        .map_err(|e| smtp_error("TLS handshake", e))?;
+                    AsyncSmtpConnection::connect_with_transport(
+                        Box::new(TlsStream(stream.compat())),
+                        &self.hello,
+                    )
+                    .await
+                    .map_err(|e| smtp_error("greeting", e))?
+                }
                 _ => {
-                    let tcp = TcpStream::connect(addr).await.map_err(|e| {
-                        SendError::Transient(format!(
-                            "connect to {}:{}: {e}",
-                            self.url.host, self.url.port
-                        ))
-                    })?;
-                    // The point of owning the pool: without this, each message on a
-                    // reused connection waits for the peer's delayed ACK (~40 ms).
-                    let _ = tcp.set_nodelay(true);
+                    let tcp = self.tcp(addr).await?;
                     AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
                         .await
                         .map_err(|e| smtp_error("greeting", e))?
@@ -550,6 +569,46 @@ impl SmtpPool {
         if self.cmd(&mut conn, Rset).await.is_ok() {
             self.put_back(conn);
         }
+    }
+}
+
+/// An implicit-TLS stream (lettre's, over our nodelay TCP stream) seen as a tokio
+/// stream, so that `connect_with_transport` takes it.
+#[allow(deprecated)]
+#[derive(Debug)]
+struct TlsStream(Compat<lettre::transport::smtp::client::AsyncNetworkStream>);
+
+impl tokio::io::AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for TlsStream {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().peer_addr()
     }
 }
 

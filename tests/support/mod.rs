@@ -444,7 +444,14 @@ impl SmtpSink {
             .expect("spawn python3 tests/smtp_sink.py");
         self.child = Some(child);
         let port = self.port;
-        let ok = wait_until(Duration::from_secs(15), || smtp_greets(port));
+        let implicit_tls = self.args.iter().any(|a| a == "--implicit-tls");
+        let ok = wait_until(Duration::from_secs(15), || {
+            if implicit_tls {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                smtp_greets(port)
+            }
+        });
         assert!(
             ok,
             "SMTP sink did not start on port {port}:\n{}",
