@@ -45,6 +45,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// Default and cap of `mail.dead {limit}`.
 const DEAD_DEFAULT_LIMIT: u64 = 100;
 const DEAD_MAX_LIMIT: u64 = 1000;
+/// How long `stats` waits for the queue counts from Redis.
+const STATS_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
@@ -401,8 +403,15 @@ pub struct MailStats {
 pub async fn stats(shared: &Shared) -> MailStats {
     let c = &shared.mail.counters;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    // `stats` must keep answering while Redis is slow or stuck: the queue counts are
+    // left out rather than waited for.
     let counts = match shared.backend.connection() {
-        Ok(mut conn) => shared.mail.queue.counts(&mut conn).await.ok(),
+        Ok(mut conn) => {
+            tokio::time::timeout(STATS_REDIS_TIMEOUT, shared.mail.queue.counts(&mut conn))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }
         Err(_) => None,
     };
     let count = |name: &str| {
