@@ -583,6 +583,27 @@ async fn permanent_550_is_dead_at_once_with_the_reply_and_retry_revives_it() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["rcpt_tos"], serde_json::json!(["ok@example.com"]));
 
+    // mail.dead is newest first, and `limit` bounds it.
+    let id_b = s(
+        &send(&c, basic("reject550+b2@example.com")).await,
+        "mail_id",
+    )
+    .to_owned();
+    wait_status(&c, &id_b, "dead").await;
+    let dead = c.call("mail.dead", vec![]).await.unwrap();
+    let ids: Vec<&str> = dead
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| s(d, "mail_id"))
+        .collect();
+    assert_eq!(ids, [id_b.as_str(), id.as_str()]);
+    let one = c
+        .call("mail.dead", vec![("limit", Value::from(1))])
+        .await
+        .unwrap();
+    assert_eq!(one.as_array().unwrap().len(), 1);
+
     // A 421 at RCPT is transient: retried until max_attempts, then dead.
     let daemon2_env = with(fast(sink.port), "SATCHEL_MAIL_MAX_ATTEMPTS", "2");
     drop(daemon);
