@@ -38,6 +38,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub mail: crate::mail::MailConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,6 +309,7 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{e}")));
         }
+        self.mail.validate()?;
         Ok(())
     }
 

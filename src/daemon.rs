@@ -132,6 +132,12 @@ fn reload(path: Option<&Path>, shared: &Arc<Shared>, set_log_level: &SetLogLevel
             if new.server.socket != old.server.socket || new.redis != old.redis {
                 tracing::warn!("server.socket and [redis] changes take effect after a restart");
             }
+            if new.mail != old.mail {
+                tracing::warn!(
+                    "[mail] transport, concurrency and retry settings take effect after a restart; \
+                     from, max_message_bytes and the retention times apply now"
+                );
+            }
             if let Err(e) = set_log_level(&new.log.level) {
                 tracing::warn!(error = %e, "cannot change the log level");
             }
@@ -148,11 +154,14 @@ async fn status_updates(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut last = String::new();
     loop {
         let s = shared.stats.snapshot();
+        let mail = &shared.mail.counters;
         let line = format!(
-            "{} connections, {} requests, redis {}",
+            "{} connections, {} requests, redis {}, mail queue {}, sending {}",
             s.connections,
             s.requests,
-            if shared.backend.is_up() { "up" } else { "DOWN" }
+            if shared.backend.is_up() { "up" } else { "DOWN" },
+            mail.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
+            mail.sending.load(std::sync::atomic::Ordering::Relaxed),
         );
         if line != last {
             systemd::status(&line);

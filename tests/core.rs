@@ -141,8 +141,11 @@ fn oversize_length_prefix_gets_too_large_and_close_without_hurting_others() {
     );
     let mut other = daemon.raw();
     let mut s = daemon.raw();
-    s.write_all(&(65537u32).to_be_bytes()).unwrap();
-    s.write_all(&[0u8; 100]).unwrap();
+    // One write: the daemon may close as soon as it has read the length prefix, and a
+    // second write would then fail with EPIPE.
+    let mut oversize = (65537u32).to_be_bytes().to_vec();
+    oversize.extend_from_slice(&[0u8; 100]);
+    s.write_all(&oversize).unwrap();
     let (id, ok, err) = decode(&read_frame(&mut s).expect("TOO_LARGE frame"));
     assert_eq!((id, ok, code(&err)), (None, false, "TOO_LARGE"));
     assert!(
@@ -189,11 +192,18 @@ async fn three_hundred_concurrent_connections_are_served() {
     for _ in 0..300 {
         clients.push(daemon.client().await);
     }
-    let stats = clients[0].stats().await.unwrap();
-    assert!(
-        field(&stats, "connections").as_u64().unwrap() >= 300,
-        "{stats}"
-    );
+    // Connections are admitted by the accept loop asynchronously: the last few may
+    // still be in the listen backlog when the first one asks.
+    let first = clients[0].clone();
+    let all_admitted = eventually(Duration::from_secs(5), || {
+        let c = first.clone();
+        async move {
+            let stats = c.stats().await.unwrap();
+            field(&stats, "connections").as_u64().unwrap() >= 300
+        }
+    })
+    .await;
+    assert!(all_admitted, "{}", clients[0].stats().await.unwrap());
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|c| tokio::spawn(async move { c.call("ping", vec![]).await }))

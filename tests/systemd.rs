@@ -83,6 +83,7 @@ fn notifies_ready_status_watchdog_reloading_and_stopping() {
         .wait_for(Duration::from_secs(5), |l| l.starts_with("STATUS="))
         .expect("STATUS=");
     assert!(status.contains("redis up"), "{status}");
+    assert!(status.contains("mail queue 0, sending 0"), "{status}");
     for _ in 0..2 {
         assert!(
             notify

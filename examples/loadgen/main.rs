@@ -8,6 +8,7 @@
 //! one after the other, and prints ratios.
 
 mod cache;
+mod mail;
 mod soak;
 mod stats;
 mod wire;
@@ -21,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen ping|cache|soak [--secs N] [--runs N] [--rate OPS]");
+    eprintln!("usage: loadgen ping|cache|mail|soak [--secs N] [--runs N] [--rate OPS]");
     std::process::exit(2)
 }
 
@@ -51,6 +52,7 @@ fn main() {
                 .unwrap_or(2000u64);
             soak::run(secs, rate)
         }
+        Some("mail") => mail::mail(Duration::from_secs(secs), runs),
         Some("--echo-server") => echo_server(Path::new(
             args.get(1).map(String::as_str).unwrap_or_else(|| usage()),
         )),

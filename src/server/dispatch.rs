@@ -18,6 +18,7 @@ pub const CORE_OPS: &[&str] = &["hello", "ping", "stats", "health"];
 pub fn all_ops() -> Vec<&'static str> {
     let mut ops = CORE_OPS.to_vec();
     ops.extend_from_slice(crate::cache::OPS);
+    ops.extend_from_slice(crate::mail::OPS);
     ops
 }
 
@@ -32,12 +33,13 @@ pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Respon
     let result = match req.op() {
         "hello" => hello(shared, &req),
         "ping" => ping(&req).await,
-        "stats" => stats(shared),
+        "stats" => stats(shared).await,
         "health" => health(shared).await,
         op if op.starts_with("cache.") => {
             let cfg = shared.config.load();
             shared.cache.handle(&cfg.cache, peer, &req).await
         }
+        op if op.starts_with("mail.") => crate::mail::handle(shared, &req).await,
         other => Err(OpError::new(
             ErrorCode::UnknownOp,
             format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -122,9 +124,10 @@ struct StatsResult<'a> {
     inflight: u64,
     redis: RedisStats<'a>,
     cache: crate::cache::CacheStatsSnapshot,
+    mail: crate::mail::MailStats,
 }
 
-fn stats(shared: &Shared) -> OpResult {
+async fn stats(shared: &Shared) -> OpResult {
     let CoreSnapshot {
         uptime_ms,
         connections,
@@ -147,6 +150,7 @@ fn stats(shared: &Shared) -> OpResult {
             url: shared.backend.url(),
         },
         cache: shared.cache.stats.snapshot(),
+        mail: crate::mail::stats(shared).await,
     })
 }
 

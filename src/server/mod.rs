@@ -56,6 +56,7 @@ pub struct Shared {
     pub backend: Arc<Backend>,
     pub stats: Stats,
     pub cache: Arc<CacheService>,
+    pub mail: crate::mail::MailService,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,8 @@ pub enum ServerError {
     Activation(std::io::Error),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("mail transport: {0}")]
+    Mail(String),
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -82,6 +85,7 @@ impl Server {
     /// makes one attempt to reach Redis (the daemon starts either way).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let backend = Backend::new(&config.redis)?;
+        let mail = crate::mail::MailService::new(&config).map_err(ServerError::Mail)?;
         let (listener, owned_path) =
             match crate::systemd::activated_listener().map_err(ServerError::Activation)? {
                 Some(std_listener) => {
@@ -109,6 +113,7 @@ impl Server {
                 cache: CacheService::new(backend.clone()),
                 backend,
                 stats: Stats::default(),
+                mail,
             }),
         })
     }
@@ -127,6 +132,11 @@ impl Server {
                 .run_health(shutdown.child_token()),
         );
         self.shared.cache.start(&tasks, &shutdown);
+        tasks.spawn(crate::mail::worker::run(
+            self.shared.clone(),
+            shutdown.child_token(),
+            tasks.clone(),
+        ));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,

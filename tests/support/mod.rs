@@ -382,3 +382,120 @@ pub fn field<'a>(v: &'a rmpv::Value, key: &str) -> &'a rmpv::Value {
 pub fn path_gone(p: &Path) -> bool {
     !p.exists()
 }
+
+/// A real SMTP server (tests/smtp_sink.py, aiosmtpd) on a free port, recording every
+/// message it accepts as a JSON line. See the script for the per-recipient behaviours
+/// (`reject550@`, `fail451-twice@`, `down421@`, `fail-after-data@`, `slow<ms>@`).
+pub struct SmtpSink {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    out: PathBuf,
+    args: Vec<String>,
+}
+
+impl SmtpSink {
+    pub fn start() -> SmtpSink {
+        Self::start_with(free_port(), &[])
+    }
+
+    /// Starts on a given port (for "SMTP comes up later" tests).
+    pub fn start_on(port: u16) -> SmtpSink {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts with extra arguments (`--tls-cert`, `--tls-key`, `--require-tls`,
+    /// `--auth user:pass`).
+    pub fn start_with(port: u16, args: &[&str]) -> SmtpSink {
+        let check = Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            matches!(check, Ok(s) if s.success()),
+            "the mail tests need python3 with aiosmtpd: `pip install aiosmtpd` (.ci/run does this)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("received.jsonl");
+        let mut sink = SmtpSink {
+            child: None,
+            port,
+            dir,
+            out,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        sink.spawn();
+        sink
+    }
+
+    fn spawn(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_sink.py");
+        let log = std::fs::File::create(self.dir.path().join("sink.log")).expect("sink log");
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &self.port.to_string()])
+            .arg("--out")
+            .arg(&self.out)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn python3 tests/smtp_sink.py");
+        self.child = Some(child);
+        let port = self.port;
+        let implicit_tls = self.args.iter().any(|a| a == "--implicit-tls");
+        let ok = wait_until(Duration::from_secs(15), || {
+            if implicit_tls {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                smtp_greets(port)
+            }
+        });
+        assert!(
+            ok,
+            "SMTP sink did not start on port {port}:\n{}",
+            std::fs::read_to_string(self.dir.path().join("sink.log")).unwrap_or_default()
+        );
+    }
+
+    /// Every message accepted so far, oldest first.
+    pub fn received(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received().len()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn smtp_greets(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 3];
+    s.read_exact(&mut buf).is_ok() && &buf == b"220"
+}
+
+/// A port nothing listens on right now.
+pub fn unused_port() -> u16 {
+    free_port()
+}

@@ -1,0 +1,228 @@
+//! The `[mail]` section. Every key has a default, so an empty file (or none) gives a
+//! working queue that writes `.eml` files; set `smtp_url` to deliver over SMTP.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailConfig {
+    /// Whether this daemon runs delivery workers. `mail.send` works either way, so a
+    /// fleet can have a few senders and many producers.
+    pub enabled: bool,
+    /// The `From` of a `mail.send` that names none.
+    pub from: String,
+    /// `"smtp"`, `"file"`, or `"auto"` (= smtp when `smtp_url` is set, else file).
+    pub transport: String,
+    /// `smtp://[user:pass@]host[:port][?tls=required|opportunistic|none]` (port 25,
+    /// default tls opportunistic) or `smtps://…` (implicit TLS, port 465).
+    pub smtp_url: String,
+    /// Extra PEM root certificates to trust for SMTP TLS (e.g. a test or internal CA).
+    pub tls_ca_file: String,
+    /// Where the file transport writes `<mail_id>.eml`.
+    pub file_dir: PathBuf,
+    /// Deliveries in flight per daemon.
+    pub concurrency: u64,
+    /// Global delivery rate across every daemon sharing the Redis; 0 = unlimited.
+    pub rate_per_sec: u64,
+    pub max_attempts: u64,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// A pending entry idle this long belongs to a dead consumer and is reclaimed.
+    pub claim_idle_ms: u64,
+    pub max_message_bytes: u64,
+    pub idempotency_ttl_ms: u64,
+    pub status_retention_ms: u64,
+    pub smtp_connect_timeout_ms: u64,
+    pub smtp_command_timeout_ms: u64,
+    /// `"error"`: `mail.send` answers UNAVAILABLE while Redis is down; `"direct"`: it
+    /// sends synchronously over the transport instead.
+    pub on_redis_down: String,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig {
+            enabled: true,
+            from: "satchel@localhost".into(),
+            transport: "auto".into(),
+            smtp_url: String::new(),
+            tls_ca_file: String::new(),
+            file_dir: std::env::temp_dir().join("satchel-mail"),
+            concurrency: 16,
+            rate_per_sec: 0,
+            max_attempts: 8,
+            retry_base_ms: 30_000,
+            retry_max_ms: 3_600_000,
+            claim_idle_ms: 60_000,
+            max_message_bytes: 10 * 1024 * 1024,
+            idempotency_ttl_ms: 24 * 3600 * 1000,
+            status_retention_ms: 7 * 24 * 3600 * 1000,
+            smtp_connect_timeout_ms: 10_000,
+            smtp_command_timeout_ms: 60_000,
+            on_redis_down: "error".into(),
+        }
+    }
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: format!("mail.{key}"),
+        message: message.into(),
+    }
+}
+
+/// Which transport the config selects, after resolving `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Smtp,
+    File,
+}
+
+impl MailConfig {
+    pub fn transport_kind(&self) -> TransportKind {
+        match self.transport.as_str() {
+            "smtp" => TransportKind::Smtp,
+            "file" => TransportKind::File,
+            _ if self.smtp_url.is_empty() => TransportKind::File,
+            _ => TransportKind::Smtp,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = self.from.parse::<lettre::message::Mailbox>() {
+            return Err(invalid("from", format!("not a mail address: {e}")));
+        }
+        if !["auto", "smtp", "file"].contains(&self.transport.as_str()) {
+            return Err(invalid(
+                "transport",
+                "must be \"auto\", \"smtp\" or \"file\"",
+            ));
+        }
+        if self.transport == "smtp" && self.smtp_url.is_empty() {
+            return Err(invalid("smtp_url", "required when transport = \"smtp\""));
+        }
+        if !self.smtp_url.is_empty()
+            && let Err(e) = super::transport::SmtpUrl::parse(&self.smtp_url)
+        {
+            return Err(invalid("smtp_url", e));
+        }
+        if self.transport_kind() == TransportKind::File && self.file_dir.as_os_str().is_empty() {
+            return Err(invalid("file_dir", "must not be empty"));
+        }
+        for (key, v) in [
+            ("concurrency", self.concurrency),
+            ("max_attempts", self.max_attempts),
+            ("retry_base_ms", self.retry_base_ms),
+            ("claim_idle_ms", self.claim_idle_ms),
+            ("max_message_bytes", self.max_message_bytes),
+            ("idempotency_ttl_ms", self.idempotency_ttl_ms),
+            ("status_retention_ms", self.status_retention_ms),
+            ("smtp_connect_timeout_ms", self.smtp_connect_timeout_ms),
+            ("smtp_command_timeout_ms", self.smtp_command_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.concurrency > 4096 {
+            return Err(invalid("concurrency", "must be at most 4096"));
+        }
+        if self.retry_max_ms < self.retry_base_ms {
+            return Err(invalid("retry_max_ms", "must be >= retry_base_ms"));
+        }
+        if self.claim_idle_ms < 100 {
+            return Err(invalid(
+                "claim_idle_ms",
+                "must be at least 100 (the heartbeat runs at a third of it)",
+            ));
+        }
+        // A duplicate send must still find the first mail's status record.
+        if self.idempotency_ttl_ms > self.status_retention_ms {
+            return Err(invalid(
+                "idempotency_ttl_ms",
+                "must not exceed status_retention_ms",
+            ));
+        }
+        if !["error", "direct"].contains(&self.on_redis_down.as_str()) {
+            return Err(invalid("on_redis_down", "must be \"error\" or \"direct\""));
+        }
+        if !self.tls_ca_file.is_empty() {
+            std::fs::read(&self.tls_ca_file)
+                .map_err(|e| invalid("tls_ca_file", format!("{}: {e}", self.tls_ca_file)))?;
+        }
+        Ok(())
+    }
+
+    pub fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.claim_idle_ms)
+    }
+    pub fn smtp_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.smtp_connect_timeout_ms)
+    }
+    pub fn smtp_command_timeout(&self) -> Duration {
+        Duration::from_millis(self.smtp_command_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, String> {
+        Config::load_with_env(
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_env_overrides_reach_the_mail_section() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.mail.concurrency, 16);
+        assert_eq!(c.mail.max_message_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.mail.transport_kind(), super::TransportKind::File);
+        let c = load(&[
+            ("SATCHEL_MAIL_CONCURRENCY", "4"),
+            (
+                "SATCHEL_MAIL_SMTP_URL",
+                "smtp://u:p@mail.example.com:587?tls=required",
+            ),
+            ("SATCHEL_MAIL_ENABLED", "false"),
+        ])
+        .unwrap();
+        assert_eq!(c.mail.concurrency, 4);
+        assert!(!c.mail.enabled);
+        assert_eq!(c.mail.transport_kind(), super::TransportKind::Smtp);
+    }
+
+    #[test]
+    fn invalid_mail_settings_name_the_key() {
+        for (var, value, key) in [
+            ("SATCHEL_MAIL_SMTP_URL", "http://x", "mail.smtp_url"),
+            ("SATCHEL_MAIL_FROM", "not an address", "mail.from"),
+            ("SATCHEL_MAIL_CONCURRENCY", "0", "mail.concurrency"),
+            ("SATCHEL_MAIL_TRANSPORT", "pigeon", "mail.transport"),
+            ("SATCHEL_MAIL_RETRY_MAX_MS", "10", "mail.retry_max_ms"),
+            (
+                "SATCHEL_MAIL_IDEMPOTENCY_TTL_MS",
+                "999999999999",
+                "mail.idempotency_ttl_ms",
+            ),
+            ("SATCHEL_MAIL_ON_REDIS_DOWN", "panic", "mail.on_redis_down"),
+            (
+                "SATCHEL_MAIL_TLS_CA_FILE",
+                "/nonexistent/ca.pem",
+                "mail.tls_ca_file",
+            ),
+        ] {
+            let e = load(&[(var, value)]).unwrap_err();
+            assert!(e.contains(key), "{var}={value}: {e}");
+        }
+    }
+}

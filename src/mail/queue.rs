@@ -1,0 +1,660 @@
+//! The mail queue in Redis: keys, and the Lua scripts that make every status
+//! transition atomic.
+//!
+//! Key layout (`K` = `<redis.prefix>:m`):
+//!
+//! - `K:stream`: a Stream with consumer group `workers`. An entry holds only
+//!   `id=<mail_id>`; it is acknowledged and deleted once its delivery attempt ends, so
+//!   the stream holds only undelivered or in-flight entries (never trimmed otherwise).
+//! - `K:s:<mail_id>`: a hash, the status record and the message itself (`raw`,
+//!   dropped once sent). Expires `status_retention_ms` after the last transition.
+//! - `K:sched`: a sorted set of mail_id by due time: scheduled mail and retries.
+//! - `K:dead`: a sorted set of dead mail_id by time of death (newest first for
+//!   `mail.dead`), trimmed to the retention window.
+//! - `K:idem:<key>`: the mail_id first sent with an idempotency key.
+//! - `K:counts`: a hash of mails per status, kept by the scripts.
+//! - `K:rate:<unix second>`: the global rate-limit window.
+//!
+//! All times in scripts come from Redis `TIME`, so daemons on many hosts agree on
+//! when scheduled mail is due.
+
+use redis::aio::ConnectionLike;
+use redis::{RedisResult, Script, Value};
+
+/// The consumer group every daemon joins.
+pub const GROUP: &str = "workers";
+
+pub const STATUSES: &[&str] = &[
+    "queued",
+    "scheduled",
+    "sending",
+    "retrying",
+    "sent",
+    "dead",
+    "cancelled",
+];
+
+const NOW: &str = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+
+const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end\n";
+
+/// KEYS: status, stream, sched, counts, idem.  ARGV: mail_id, send_at_ms (0 = now),
+/// idem_ttl_ms, retention_ms, has_idem, status key prefix, then field/value pairs.
+const ENQUEUE: &str = r#"
+if ARGV[5] == '1' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then
+    local st = redis.call('HGET', ARGV[6] .. existing, 'status')
+    return {existing, st or 'expired', 1}
+  end
+  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[3])
+end
+local status = 'queued'
+local send_at = tonumber(ARGV[2])
+if send_at > now then status = 'scheduled' end
+local fields = {'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+local ttl = tonumber(ARGV[4])
+if status == 'scheduled' then
+  redis.call('HSET', KEYS[1], 'next_attempt_ms', send_at)
+  redis.call('ZADD', KEYS[3], send_at, ARGV[1])
+  ttl = ttl + send_at - now
+else
+  redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('HINCRBY', KEYS[4], status, 1)
+return {ARGV[1], status, 0}
+"#;
+
+/// KEYS: sched, stream, counts.  ARGV: status key prefix, limit.
+const MOVE_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local sk = ARGV[1] .. id
+  local st = redis.call('HGET', sk, 'status')
+  if st == 'scheduled' or st == 'retrying' then
+    redis.call('HSET', sk, 'status', 'queued', 'updated_ms', now)
+    redis.call('HDEL', sk, 'next_attempt_ms')
+    redis.call('HINCRBY', KEYS[3], st, -1)
+    redis.call('HINCRBY', KEYS[3], 'queued', 1)
+    redis.call('XADD', KEYS[2], '*', 'id', id)
+  end
+end
+return #due
+"#;
+
+/// Starts a delivery attempt for a stream entry.
+/// KEYS: status, counts, stream, dead.  ARGV: max_attempts, group, entry id,
+/// retention_ms, mail_id.
+/// → {'go', attempts, from, rcpt, raw} | {'skip', status} | {'dead', reason}
+const BEGIN: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then ack(KEYS[3], ARGV[2], ARGV[3]); return {'skip', 'missing'} end
+if st ~= 'queued' and st ~= 'sending' then
+  -- Already finished (e.g. a reclaimed entry whose 'sent' was written just before a
+  -- crash), cancelled, or waiting in the schedule: never send it again from here.
+  ack(KEYS[3], ARGV[2], ARGV[3]); return {'skip', st}
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local raw = redis.call('HGET', KEYS[1], 'raw')
+local reason = nil
+if not raw then reason = 'the queued message has no content'
+elseif attempts >= tonumber(ARGV[1]) then
+  reason = 'poison: delivery was interrupted ' .. attempts .. ' times (mail.max_attempts)'
+end
+if reason then
+  redis.call('HSET', KEYS[1], 'status', 'dead', 'last_error', reason, 'dead_ms', now, 'updated_ms', now)
+  redis.call('ZADD', KEYS[4], now, ARGV[5])
+  redis.call('HINCRBY', KEYS[2], st, -1)
+  redis.call('HINCRBY', KEYS[2], 'dead', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  ack(KEYS[3], ARGV[2], ARGV[3])
+  return {'dead', reason}
+end
+redis.call('HSET', KEYS[1], 'status', 'sending', 'attempts', attempts + 1, 'updated_ms', now)
+if st ~= 'sending' then
+  redis.call('HINCRBY', KEYS[2], st, -1)
+  redis.call('HINCRBY', KEYS[2], 'sending', 1)
+end
+local f = redis.call('HMGET', KEYS[1], 'from', 'rcpt')
+return {'go', attempts + 1, f[1] or '', f[2] or '', raw}
+"#;
+
+/// Ends a delivery attempt. The status is written before the ack: if we die in
+/// between, the entry is reclaimed, BEGIN sees the final status, and acks it without
+/// a second delivery.
+/// KEYS: status, counts, stream, sched, dead.  ARGV: outcome (sent|retry|dead), group,
+/// entry id, retention_ms, last_error, delay_ms, new rcpt ('' = keep), mail_id, refused.
+const FINISH: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'sending' then ack(KEYS[3], ARGV[2], ARGV[3]); return 0 end
+local ttl = tonumber(ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'sending', -1)
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'refused', ARGV[9]) end
+if ARGV[1] == 'sent' then
+  redis.call('HSET', KEYS[1], 'status', 'sent', 'sent_ms', now, 'updated_ms', now)
+  redis.call('HDEL', KEYS[1], 'raw', 'next_attempt_ms')
+  redis.call('HINCRBY', KEYS[2], 'sent', 1)
+elseif ARGV[1] == 'retry' then
+  local at = now + tonumber(ARGV[6])
+  redis.call('HSET', KEYS[1], 'status', 'retrying', 'last_error', ARGV[5], 'next_attempt_ms', at, 'updated_ms', now)
+  if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'rcpt', ARGV[7]) end
+  redis.call('ZADD', KEYS[4], at, ARGV[8])
+  redis.call('HINCRBY', KEYS[2], 'retrying', 1)
+  ttl = ttl + tonumber(ARGV[6])
+else
+  redis.call('HSET', KEYS[1], 'status', 'dead', 'last_error', ARGV[5], 'dead_ms', now, 'updated_ms', now)
+  redis.call('ZADD', KEYS[5], now, ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
+  redis.call('HINCRBY', KEYS[2], 'dead', 1)
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+ack(KEYS[3], ARGV[2], ARGV[3])
+return 1
+"#;
+
+/// KEYS: status, sched, counts.  ARGV: mail_id, retention_ms.  → -1 unknown, 0 no, 1 yes
+const CANCEL: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return -1 end
+if st ~= 'queued' and st ~= 'scheduled' and st ~= 'retrying' then return 0 end
+-- A queued mail's stream entry stays; the worker that reads it sees 'cancelled'.
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_ms', now)
+redis.call('HDEL', KEYS[1], 'raw', 'next_attempt_ms')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], st, -1)
+redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// KEYS: status, stream, dead, counts.  ARGV: mail_id, retention_ms.
+/// → -1 unknown, 1 requeued, or the current status (not dead).
+const RETRY: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return -1 end
+if st ~= 'dead' then return st end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'updated_ms', now)
+redis.call('HDEL', KEYS[1], 'dead_ms', 'next_attempt_ms')
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'dead', -1)
+redis.call('HINCRBY', KEYS[4], 'queued', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// One global fixed window per second. KEYS: rate key prefix. ARGV: rate.
+/// → ms to wait before trying again, 0 = go.
+const RATE: &str = r#"
+local key = KEYS[1] .. ':' .. t[1]
+local n = redis.call('INCR', key)
+if n == 1 then redis.call('PEXPIRE', key, 2000) end
+if n > tonumber(ARGV[1]) then return 1000 - math.floor(tonumber(t[2]) / 1000) end
+return 0
+"#;
+
+/// The keys and scripts of one queue.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    base: String,
+    pub stream: String,
+    sched: String,
+    dead: String,
+    counts: String,
+    rate: String,
+    enqueue: Script,
+    move_due: Script,
+    begin: Script,
+    finish: Script,
+    cancel: Script,
+    retry: Script,
+    rate_script: Script,
+}
+
+/// What `enqueue` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub mail_id: String,
+    pub status: String,
+    pub duplicate: bool,
+}
+
+/// What `begin` decided for a stream entry.
+#[derive(Debug, Clone)]
+pub enum Begin {
+    Go {
+        attempts: u64,
+        from: String,
+        rcpts: Vec<String>,
+        raw: Vec<u8>,
+    },
+    Skip(String),
+    Dead(String),
+}
+
+/// The end of a delivery attempt.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Sent {
+        refused: String,
+    },
+    Retry {
+        error: String,
+        delay_ms: u64,
+        rcpts: Option<Vec<String>>,
+        refused: String,
+    },
+    Dead {
+        error: String,
+        refused: String,
+    },
+}
+
+/// One status record, as `mail.status` reports it.
+#[derive(Debug, Clone, Default)]
+pub struct StatusRecord {
+    pub status: String,
+    pub attempts: u64,
+    pub last_error: Option<String>,
+    pub next_attempt_ms: Option<u64>,
+    pub updated_ms: u64,
+    pub refused: Option<String>,
+}
+
+/// One entry of `mail.dead`.
+#[derive(Debug, Clone)]
+pub struct DeadRecord {
+    pub mail_id: String,
+    pub to: Vec<String>,
+    pub subject: String,
+    pub attempts: u64,
+    pub last_error: String,
+    pub dead_ms: u64,
+}
+
+fn script(body: &str, with_ack: bool) -> Script {
+    let mut s = String::from(NOW);
+    if with_ack {
+        s.push_str(ACK);
+    }
+    s.push_str(body);
+    Script::new(&s)
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn num(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+fn unexpected(what: &str, v: &Value) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected reply",
+        format!("{what}: {v:?}"),
+    ))
+}
+
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split('\n')
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Queue {
+    pub fn new(redis_prefix: &str) -> Queue {
+        let base = format!("{redis_prefix}:m");
+        Queue {
+            stream: format!("{base}:stream"),
+            sched: format!("{base}:sched"),
+            dead: format!("{base}:dead"),
+            counts: format!("{base}:counts"),
+            rate: format!("{base}:rate"),
+            enqueue: script(ENQUEUE, false),
+            move_due: script(MOVE_DUE, false),
+            begin: script(BEGIN, true),
+            finish: script(FINISH, true),
+            cancel: script(CANCEL, false),
+            retry: script(RETRY, false),
+            rate_script: script(RATE, false),
+            base,
+        }
+    }
+
+    pub fn status_key(&self, mail_id: &str) -> String {
+        format!("{}:s:{mail_id}", self.base)
+    }
+
+    fn status_prefix(&self) -> String {
+        format!("{}:s:", self.base)
+    }
+
+    fn idem_key(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.base)
+    }
+
+    /// Creates the consumer group (and the stream) if missing.
+    pub async fn ensure_group<C: ConnectionLike>(&self, conn: &mut C) -> RedisResult<()> {
+        let r: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enqueue<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        built: &super::message::Built,
+        send_at_ms: u64,
+        idempotency_key: Option<&str>,
+        idem_ttl_ms: u64,
+        retention_ms: u64,
+    ) -> RedisResult<Enqueued> {
+        let idem = idempotency_key.map(|k| self.idem_key(k));
+        let mut inv = self.enqueue.prepare_invoke();
+        inv.key(self.status_key(&built.mail_id))
+            .key(&self.stream)
+            .key(&self.sched)
+            .key(&self.counts)
+            .key(idem.clone().unwrap_or_else(|| self.idem_key("")))
+            .arg(&built.mail_id)
+            .arg(send_at_ms)
+            .arg(idem_ttl_ms)
+            .arg(retention_ms)
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(self.status_prefix())
+            .arg("from")
+            .arg(&built.from)
+            .arg("rcpt")
+            .arg(built.rcpts.join("\n"))
+            .arg("to")
+            .arg(built.to_display.join("\n"))
+            .arg("subject")
+            .arg(&built.subject)
+            .arg("message_id")
+            .arg(&built.message_id)
+            .arg("raw")
+            .arg(&built.raw[..]);
+        let v: Value = inv.invoke_async(conn).await?;
+        match &v {
+            Value::Array(items) if items.len() == 3 => Ok(Enqueued {
+                mail_id: text(&items[0]).unwrap_or_default(),
+                status: text(&items[1]).unwrap_or_default(),
+                duplicate: num(&items[2]) == Some(1),
+            }),
+            other => Err(unexpected("enqueue", other)),
+        }
+    }
+
+    /// Moves due scheduled mail and retries into the stream; returns how many.
+    pub async fn move_due<C: ConnectionLike>(&self, conn: &mut C, limit: u64) -> RedisResult<u64> {
+        self.move_due
+            .key(&self.sched)
+            .key(&self.stream)
+            .key(&self.counts)
+            .arg(self.status_prefix())
+            .arg(limit)
+            .invoke_async(conn)
+            .await
+    }
+
+    pub async fn begin<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        mail_id: &str,
+        entry_id: &str,
+        max_attempts: u64,
+        retention_ms: u64,
+    ) -> RedisResult<Begin> {
+        let v: Value = self
+            .begin
+            .key(self.status_key(mail_id))
+            .key(&self.counts)
+            .key(&self.stream)
+            .key(&self.dead)
+            .arg(max_attempts)
+            .arg(GROUP)
+            .arg(entry_id)
+            .arg(retention_ms)
+            .arg(mail_id)
+            .invoke_async(conn)
+            .await?;
+        let Value::Array(items) = &v else {
+            return Err(unexpected("begin", &v));
+        };
+        match (items.first().and_then(text).as_deref(), items.len()) {
+            (Some("go"), 5) => Ok(Begin::Go {
+                attempts: num(&items[1]).unwrap_or(1),
+                from: text(&items[2]).unwrap_or_default(),
+                rcpts: split_list(&text(&items[3]).unwrap_or_default()),
+                raw: match &items[4] {
+                    Value::BulkString(b) => b.clone(),
+                    _ => Vec::new(),
+                },
+            }),
+            (Some("skip"), 2) => Ok(Begin::Skip(text(&items[1]).unwrap_or_default())),
+            (Some("dead"), 2) => Ok(Begin::Dead(text(&items[1]).unwrap_or_default())),
+            _ => Err(unexpected("begin", &v)),
+        }
+    }
+
+    pub async fn finish<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        mail_id: &str,
+        entry_id: &str,
+        retention_ms: u64,
+        outcome: &Outcome,
+    ) -> RedisResult<()> {
+        let (kind, error, delay, rcpts, refused) = match outcome {
+            Outcome::Sent { refused } => ("sent", "", 0, String::new(), refused),
+            Outcome::Retry {
+                error,
+                delay_ms,
+                rcpts,
+                refused,
+            } => (
+                "retry",
+                error.as_str(),
+                *delay_ms,
+                rcpts.as_ref().map(|r| r.join("\n")).unwrap_or_default(),
+                refused,
+            ),
+            Outcome::Dead { error, refused } => ("dead", error.as_str(), 0, String::new(), refused),
+        };
+        let _: Value = self
+            .finish
+            .key(self.status_key(mail_id))
+            .key(&self.counts)
+            .key(&self.stream)
+            .key(&self.sched)
+            .key(&self.dead)
+            .arg(kind)
+            .arg(GROUP)
+            .arg(entry_id)
+            .arg(retention_ms)
+            .arg(error)
+            .arg(delay)
+            .arg(rcpts)
+            .arg(mail_id)
+            .arg(refused.as_str())
+            .invoke_async(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// → None if unknown, Some(cancelled?)
+    pub async fn cancel<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        mail_id: &str,
+        retention_ms: u64,
+    ) -> RedisResult<Option<bool>> {
+        let r: i64 = self
+            .cancel
+            .key(self.status_key(mail_id))
+            .key(&self.sched)
+            .key(&self.counts)
+            .arg(mail_id)
+            .arg(retention_ms)
+            .invoke_async(conn)
+            .await?;
+        Ok(match r {
+            -1 => None,
+            n => Some(n == 1),
+        })
+    }
+
+    /// → Err(None) unknown, Err(Some(status)) not dead, Ok(()) requeued.
+    pub async fn retry<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        mail_id: &str,
+        retention_ms: u64,
+    ) -> RedisResult<Result<(), Option<String>>> {
+        let v: Value = self
+            .retry
+            .key(self.status_key(mail_id))
+            .key(&self.stream)
+            .key(&self.dead)
+            .key(&self.counts)
+            .arg(mail_id)
+            .arg(retention_ms)
+            .invoke_async(conn)
+            .await?;
+        Ok(match &v {
+            Value::Int(1) => Ok(()),
+            Value::Int(_) => Err(None),
+            other => Err(text(other)),
+        })
+    }
+
+    /// Waits for the global rate window; returns ms to wait (0 = go).
+    pub async fn rate_wait<C: ConnectionLike>(&self, conn: &mut C, rate: u64) -> RedisResult<u64> {
+        // `t` (Redis TIME) is defined by the NOW prelude.
+        self.rate_script
+            .key(&self.rate)
+            .arg(rate)
+            .invoke_async(conn)
+            .await
+    }
+
+    pub async fn status<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        mail_id: &str,
+    ) -> RedisResult<Option<StatusRecord>> {
+        let v: Vec<Value> = redis::cmd("HMGET")
+            .arg(self.status_key(mail_id))
+            .arg(&[
+                "status",
+                "attempts",
+                "last_error",
+                "next_attempt_ms",
+                "updated_ms",
+                "refused",
+            ])
+            .query_async(conn)
+            .await?;
+        let Some(status) = v.first().and_then(text) else {
+            return Ok(None);
+        };
+        Ok(Some(StatusRecord {
+            status,
+            attempts: v.get(1).and_then(num).unwrap_or(0),
+            last_error: v.get(2).and_then(text),
+            next_attempt_ms: v.get(3).and_then(num),
+            updated_ms: v.get(4).and_then(num).unwrap_or(0),
+            refused: v.get(5).and_then(text),
+        }))
+    }
+
+    pub async fn dead<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        limit: u64,
+    ) -> RedisResult<Vec<DeadRecord>> {
+        let ids: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(&self.dead)
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .query_async(conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET").arg(self.status_key(id)).arg(&[
+                "status",
+                "to",
+                "subject",
+                "attempts",
+                "last_error",
+                "dead_ms",
+            ]);
+        }
+        let rows: Vec<Vec<Value>> = pipe.query_async(conn).await?;
+        Ok(ids
+            .into_iter()
+            .zip(rows)
+            .filter(|(_, r)| r.first().and_then(text).as_deref() == Some("dead"))
+            .map(|(mail_id, r)| DeadRecord {
+                mail_id,
+                to: split_list(&r.get(1).and_then(text).unwrap_or_default()),
+                subject: r.get(2).and_then(text).unwrap_or_default(),
+                attempts: r.get(3).and_then(num).unwrap_or(0),
+                last_error: r.get(4).and_then(text).unwrap_or_default(),
+                dead_ms: r.get(5).and_then(num).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Mails per status across every daemon, and the stream length (undelivered +
+    /// in flight).
+    pub async fn counts<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+    ) -> RedisResult<(Vec<(String, i64)>, u64)> {
+        let (counts, len): (Vec<Option<i64>>, u64) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&self.counts)
+            .arg(STATUSES)
+            .cmd("XLEN")
+            .arg(&self.stream)
+            .query_async(conn)
+            .await?;
+        Ok((
+            STATUSES
+                .iter()
+                .zip(counts)
+                .map(|(s, n)| (s.to_string(), n.unwrap_or(0).max(0)))
+                .collect(),
+            len,
+        ))
+    }
+}

@@ -1,0 +1,651 @@
+//! Getting a built message to its recipients: SMTP through our own small connection
+//! pool, or `.eml` files in a directory.
+//!
+//! Why not lettre's `AsyncSmtpTransport`: its pool never sets TCP_NODELAY, so every
+//! message on a reused connection waits ~40 ms for Nagle + delayed ACK, and it drops
+//! the connection on any 4xx/5xx reply. We keep lettre for the SMTP conversation
+//! (`AsyncSmtpConnection`, STARTTLS, AUTH) over a TCP stream we connect ourselves with
+//! nodelay, and drive MAIL/RCPT/DATA one command at a time so that a refused
+//! recipient does not sink the others.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use lettre::Address;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use super::config::{MailConfig, TransportKind};
+
+/// How `smtp_url` asks for TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `smtps://`: TLS from the first byte.
+    Implicit,
+    /// STARTTLS, and fail if the server does not offer it.
+    Required,
+    /// STARTTLS when the server offers it.
+    Opportunistic,
+    None,
+}
+
+/// A parsed `smtp_url`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub credentials: Option<(String, String)>,
+}
+
+impl fmt::Debug for SmtpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never log the password.
+        f.debug_struct("SmtpUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("user", &self.credentials.as_ref().map(|c| &c.0))
+            .finish()
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+impl SmtpUrl {
+    pub fn parse(url: &str) -> Result<SmtpUrl, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or("expected smtp://host[:port] or smtps://host[:port]")?;
+        let (implicit, default_port) = match scheme {
+            "smtp" => (false, 25),
+            "smtps" => (true, 465),
+            other => return Err(format!("unknown scheme {other:?}; use smtp or smtps")),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let credentials = match userinfo {
+            Some(u) => {
+                let (user, pass) = u.split_once(':').ok_or("userinfo must be user:password")?;
+                Some((percent_decode(user)?, percent_decode(pass)?))
+            }
+            None => None,
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port {p:?} in smtp_url"))?,
+            ),
+            _ => (hostport, default_port),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("smtp_url has no host".into());
+        }
+        let mut tls = if implicit {
+            TlsMode::Implicit
+        } else {
+            TlsMode::Opportunistic
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("tls", v)) if !implicit => {
+                    tls = match v {
+                        "required" => TlsMode::Required,
+                        "opportunistic" => TlsMode::Opportunistic,
+                        "none" => TlsMode::None,
+                        _ => {
+                            return Err(format!("tls={v:?}: use required, opportunistic or none"));
+                        }
+                    }
+                }
+                _ => return Err(format!("unknown smtp_url parameter {pair:?}")),
+            }
+        }
+        Ok(SmtpUrl {
+            host: host.to_owned(),
+            port,
+            tls,
+            credentials,
+        })
+    }
+}
+
+/// What an SMTP server did with one message that it accepted (for at least one
+/// recipient).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// Recipients refused for good (5xx at RCPT), with the server's reply.
+    pub refused: Vec<(String, String)>,
+    /// Recipients refused for now (4xx at RCPT); the message goes to them later.
+    pub deferred: Vec<(String, String)>,
+}
+
+/// Why a message was not accepted at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// 4xx, connection errors, timeouts: a later attempt may succeed.
+    #[error("{0}")]
+    Transient(String),
+    /// 5xx: no point trying again.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// One way of delivering mail, chosen by `mail.transport`.
+#[derive(Debug)]
+pub enum Transport {
+    Smtp(SmtpPool),
+    File(PathBuf),
+}
+
+impl Transport {
+    pub fn from_config(cfg: &MailConfig) -> Result<Transport, String> {
+        Ok(match cfg.transport_kind() {
+            TransportKind::File => Transport::File(cfg.file_dir.clone()),
+            TransportKind::Smtp => Transport::Smtp(SmtpPool::new(cfg)?),
+        })
+    }
+
+    pub async fn send(
+        &self,
+        from: &str,
+        rcpts: &[String],
+        raw: &[u8],
+        name: &str,
+    ) -> Result<Delivered, SendError> {
+        match self {
+            Transport::Smtp(pool) => pool.send(from, rcpts, raw).await,
+            Transport::File(dir) => write_eml(dir, name, raw)
+                .await
+                .map(|()| Delivered::default())
+                .map_err(|e| SendError::Transient(format!("cannot write {}: {e}", dir.display()))),
+        }
+    }
+}
+
+async fn write_eml(dir: &std::path::Path, name: &str, raw: &[u8]) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    // Write then rename, so a reader never sees half a message.
+    let tmp = dir.join(format!(".{name}.eml.tmp"));
+    tokio::fs::write(&tmp, raw).await?;
+    tokio::fs::rename(&tmp, dir.join(format!("{name}.eml"))).await
+}
+
+/// An idle connection is closed after this long rather than reused: servers drop idle
+/// clients, and a reused dead connection costs an attempt.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+
+/// A pool of SMTP connections. A connection is taken for one transaction and put
+/// back when the server is still in a known state.
+pub struct SmtpPool {
+    url: SmtpUrl,
+    tls: Option<TlsParameters>,
+    hello: ClientId,
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    max_idle_conns: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl fmt::Debug for SmtpPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpPool").field("url", &self.url).finish()
+    }
+}
+
+/// `RSET`: lettre has no command type for it.
+struct Rset;
+impl fmt::Display for Rset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RSET\r\n")
+    }
+}
+
+/// A failed SMTP command: the server replied 4xx/5xx, or the connection broke
+/// (network error, timeout, unparsable reply).
+enum Fail {
+    Reply(lettre::transport::smtp::Error),
+    Broken(String),
+}
+
+impl From<lettre::transport::smtp::Error> for Fail {
+    fn from(e: lettre::transport::smtp::Error) -> Fail {
+        if e.is_transient() || e.is_permanent() {
+            Fail::Reply(e)
+        } else {
+            Fail::Broken(e.to_string())
+        }
+    }
+}
+
+impl Fail {
+    fn is_permanent(&self) -> bool {
+        matches!(self, Fail::Reply(e) if e.is_permanent())
+    }
+
+    fn is_transient_reply(&self) -> bool {
+        matches!(self, Fail::Reply(e) if e.is_transient())
+    }
+
+    /// Whether the connection is still usable after this failure (the server answered
+    /// with a reply code other than 421, which means it is closing).
+    fn reusable(&self) -> bool {
+        match self {
+            Fail::Reply(e) => e.status().map(|c| c.to_string()).as_deref() != Some("421"),
+            Fail::Broken(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for Fail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fail::Reply(e) => write!(f, "{e}"),
+            Fail::Broken(e) => f.write_str(e),
+        }
+    }
+}
+
+fn smtp_error(stage: &str, e: impl Into<Fail>) -> SendError {
+    let e = e.into();
+    let text = format!("{stage}: {e}");
+    if e.is_permanent() {
+        SendError::Permanent(text)
+    } else {
+        SendError::Transient(text)
+    }
+}
+
+impl SmtpPool {
+    pub fn new(cfg: &MailConfig) -> Result<SmtpPool, String> {
+        let url = SmtpUrl::parse(&cfg.smtp_url)?;
+        let tls = if url.tls == TlsMode::None {
+            None
+        } else {
+            let mut builder = TlsParameters::builder(url.host.clone());
+            if !cfg.tls_ca_file.is_empty() {
+                let pem = std::fs::read(&cfg.tls_ca_file)
+                    .map_err(|e| format!("{}: {e}", cfg.tls_ca_file))?;
+                let cert =
+                    Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", cfg.tls_ca_file))?;
+                builder = builder.add_root_certificate(cert);
+            }
+            Some(builder.build_rustls().map_err(|e| e.to_string())?)
+        };
+        Ok(SmtpPool {
+            url,
+            tls,
+            hello: ClientId::Domain(hello_name()),
+            idle: Mutex::new(Vec::new()),
+            max_idle_conns: cfg.concurrency as usize,
+            connect_timeout: cfg.smtp_connect_timeout(),
+            command_timeout: cfg.smtp_command_timeout(),
+        })
+    }
+
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() < MAX_IDLE && !conn.has_broken() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, conn: AsyncSmtpConnection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle_conns {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    async fn tcp(&self, addr: (&str, u16)) -> Result<TcpStream, SendError> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| {
+            SendError::Transient(format!(
+                "connect to {}:{}: {e}",
+                self.url.host, self.url.port
+            ))
+        })?;
+        // The point of owning the pool: without this, each message on a reused
+        // connection waits for the peer's delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    /// Connects, greets, upgrades to TLS and authenticates, all within the connect
+    /// timeout.
+    pub async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let addr = (self.url.host.as_str(), self.url.port);
+        let setup = async {
+            let mut conn = match (self.url.tls, &self.tls) {
+                (TlsMode::Implicit, Some(tls)) => {
+                    let tcp = self.tcp(addr).await?;
+                    // TLS from the first byte over our nodelay stream: lettre's
+                    // network stream does the handshake, and goes back in wrapped.
+                    #[allow(deprecated)]
+                    let mut stream =
+                        lettre::transport::smtp::client::AsyncNetworkStream::use_existing_tokio1(
+                            Box::new(tcp),
+                        );
+                    stream
+                        .upgrade_tls(tls.clone())
+                        .await
+                        .map_err(|e| smtp_error("TLS handshake", e))?;
+                    AsyncSmtpConnection::connect_with_transport(
+                        Box::new(TlsStream(stream.compat())),
+                        &self.hello,
+                    )
+                    .await
+                    .map_err(|e| smtp_error("greeting", e))?
+                }
+                _ => {
+                    let tcp = self.tcp(addr).await?;
+                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
+                        .await
+                        .map_err(|e| smtp_error("greeting", e))?
+                }
+            };
+            match (self.url.tls, &self.tls) {
+                (TlsMode::Required, Some(tls)) => {
+                    if !conn.can_starttls() {
+                        return Err(SendError::Transient(format!(
+                            "{} does not offer STARTTLS and smtp_url requires TLS",
+                            self.url.host
+                        )));
+                    }
+                    conn.starttls(tls.clone(), &self.hello)
+                        .await
+                        .map_err(|e| smtp_error("STARTTLS", e))?;
+                }
+                (TlsMode::Opportunistic, Some(tls)) if conn.can_starttls() => {
+                    conn.starttls(tls.clone(), &self.hello)
+                        .await
+                        .map_err(|e| smtp_error("STARTTLS", e))?;
+                }
+                _ => {}
+            }
+            if let Some((user, pass)) = &self.url.credentials {
+                conn.auth(
+                    &[Mechanism::Plain, Mechanism::Login],
+                    &Credentials::new(user.clone(), pass.clone()),
+                )
+                .await
+                .map_err(|e| smtp_error("AUTH", e))?;
+            }
+            Ok(conn)
+        };
+        timeout(self.connect_timeout, setup).await.map_err(|_| {
+            SendError::Transient(format!(
+                "no SMTP session with {}:{} within {:?}",
+                self.url.host, self.url.port, self.connect_timeout
+            ))
+        })?
+    }
+
+    /// Sends one message. A pooled connection that turns out to be dead before the
+    /// server saw anything of this message is replaced once, without costing an
+    /// attempt.
+    pub async fn send(
+        &self,
+        from: &str,
+        rcpts: &[String],
+        raw: &[u8],
+    ) -> Result<Delivered, SendError> {
+        if let Some(conn) = self.take_idle() {
+            match self.transaction(conn, from, rcpts, raw).await {
+                Err(Stale) => {}
+                Ok(outcome) => return outcome,
+            }
+        }
+        let conn = self.connect().await?;
+        match self.transaction(conn, from, rcpts, raw).await {
+            Ok(outcome) => outcome,
+            Err(Stale) => Err(SendError::Transient(
+                "the SMTP connection closed before MAIL FROM was answered".into(),
+            )),
+        }
+    }
+
+    async fn cmd<C: fmt::Display>(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        c: C,
+    ) -> Result<lettre::transport::smtp::response::Response, Fail> {
+        match timeout(self.command_timeout, conn.command(c)).await {
+            Ok(r) => r.map_err(Fail::from),
+            Err(_) => Err(Fail::Broken(format!(
+                "no reply within {:?}",
+                self.command_timeout
+            ))),
+        }
+    }
+
+    /// MAIL, RCPT for each recipient, DATA. `Err(Stale)` when the connection failed
+    /// at MAIL FROM with a network error (an idle pooled connection the server closed).
+    async fn transaction(
+        &self,
+        mut conn: AsyncSmtpConnection,
+        from: &str,
+        rcpts: &[String],
+        raw: &[u8],
+    ) -> Result<Result<Delivered, SendError>, Stale> {
+        let sender = match Address::from_str(from) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(SendError::Permanent(format!("sender {from}: {e}")))),
+        };
+        let mut params = Vec::new();
+        let non_ascii_addr = !from.is_ascii() || rcpts.iter().any(|r| !r.is_ascii());
+        if non_ascii_addr {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                self.put_back(conn);
+                return Ok(Err(SendError::Permanent(
+                    "the server does not support SMTPUTF8, needed for these addresses".into(),
+                )));
+            }
+            params.push(MailParameter::SmtpUtfEight);
+        }
+        if !raw.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+            params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        if let Err(e) = self.cmd(&mut conn, Mail::new(Some(sender), params)).await {
+            if matches!(e, Fail::Broken(_)) {
+                return Err(Stale);
+            }
+            return Ok(Err(self.fail(conn, "MAIL FROM", e).await));
+        }
+        let mut accepted = 0usize;
+        let mut delivered = Delivered::default();
+        for rcpt in rcpts {
+            let addr = match Address::from_str(rcpt) {
+                Ok(a) => a,
+                Err(e) => {
+                    delivered.refused.push((rcpt.clone(), e.to_string()));
+                    continue;
+                }
+            };
+            match self.cmd(&mut conn, Rcpt::new(addr, vec![])).await {
+                Ok(_) => accepted += 1,
+                Err(e) if e.is_permanent() => delivered
+                    .refused
+                    .push((rcpt.clone(), format!("RCPT TO: {e}"))),
+                Err(e) if e.is_transient_reply() => {
+                    if !e.reusable() {
+                        return Ok(Err(self.fail(conn, "RCPT TO", e).await));
+                    }
+                    delivered
+                        .deferred
+                        .push((rcpt.clone(), format!("RCPT TO: {e}")))
+                }
+                Err(e) => return Ok(Err(self.fail(conn, "RCPT TO", e).await)),
+            }
+        }
+        if accepted == 0 {
+            self.reset(conn).await;
+            let all: Vec<String> = delivered
+                .deferred
+                .iter()
+                .chain(&delivered.refused)
+                .map(|(r, e)| format!("{r}: {e}"))
+                .collect();
+            let text = format!("every recipient was refused: {}", all.join("; "));
+            return Ok(Err(if delivered.deferred.is_empty() {
+                SendError::Permanent(text)
+            } else {
+                SendError::Transient(text)
+            }));
+        }
+        if let Err(e) = self.cmd(&mut conn, Data).await {
+            return Ok(Err(self.fail(conn, "DATA", e).await));
+        }
+        let sent = match timeout(self.command_timeout, conn.message(raw)).await {
+            Ok(r) => r.map_err(Fail::from),
+            Err(_) => Err(Fail::Broken(format!(
+                "no reply to the message within {:?}",
+                self.command_timeout
+            ))),
+        };
+        match sent {
+            Ok(_) => {
+                self.put_back(conn);
+                Ok(Ok(delivered))
+            }
+            Err(e) => Ok(Err(self.fail(conn, "end of DATA", e).await)),
+        }
+    }
+
+    /// Classifies a failed command and keeps the connection when it is still good.
+    async fn fail(&self, conn: AsyncSmtpConnection, stage: &str, e: Fail) -> SendError {
+        if e.reusable() {
+            self.reset(conn).await;
+        } else {
+            let mut conn = conn;
+            // A timed-out or broken connection may be mid-reply: never reuse it.
+            let _ = timeout(Duration::from_millis(200), conn.abort()).await;
+        }
+        smtp_error(stage, e)
+    }
+
+    async fn reset(&self, mut conn: AsyncSmtpConnection) {
+        if self.cmd(&mut conn, Rset).await.is_ok() {
+            self.put_back(conn);
+        }
+    }
+}
+
+/// An implicit-TLS stream (lettre's, over our nodelay TCP stream) seen as a tokio
+/// stream, so that `connect_with_transport` takes it.
+#[allow(deprecated)]
+#[derive(Debug)]
+struct TlsStream(Compat<lettre::transport::smtp::client::AsyncNetworkStream>);
+
+impl tokio::io::AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for TlsStream {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().peer_addr()
+    }
+}
+
+/// Marker: the pooled connection was dead before this message touched it.
+struct Stale;
+
+fn hello_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.is_ascii())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smtp_urls_parse_with_tls_modes_and_credentials() {
+        let u = SmtpUrl::parse("smtp://mail.example.com").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("mail.example.com", 25, TlsMode::Opportunistic)
+        );
+        let u = SmtpUrl::parse("smtp://me%40x.org:p%3Ass@localhost:2525?tls=required").unwrap();
+        assert_eq!(u.port, 2525);
+        assert_eq!(u.tls, TlsMode::Required);
+        assert_eq!(
+            u.credentials,
+            Some(("me@x.org".to_owned(), "p:ss".to_owned()))
+        );
+        let u = SmtpUrl::parse("smtps://h").unwrap();
+        assert_eq!((u.port, u.tls), (465, TlsMode::Implicit));
+        assert!(SmtpUrl::parse("http://h").is_err());
+        assert!(SmtpUrl::parse("smtp://h?tls=maybe").is_err());
+        assert!(SmtpUrl::parse("smtp://h:port").is_err());
+        assert!(!format!("{:?}", SmtpUrl::parse("smtp://u:secret@h").unwrap()).contains("secret"));
+    }
+}
