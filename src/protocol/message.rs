@@ -179,6 +179,13 @@ impl Request {
             Some(Head::Uint(v)) => i64::try_from(v)
                 .map(Some)
                 .map_err(|_| OpError::bad_request(name, format!("field `{name}` is too big"))),
+            // JavaScript encoders send integers beyond 32 bits (Date.now()) as float64;
+            // an integral float is accepted as the integer it holds.
+            Some(Head::Float(f))
+                if f.fract() == 0.0 && f.is_finite() && f.abs() < 9.007_199_254_740_992e15 =>
+            {
+                Ok(Some(f as i64))
+            }
             Some(other) => Err(Self::wrong_type(name, "an int", &other)),
         }
     }
@@ -312,6 +319,25 @@ mod tests {
         let err = Request::parse(frame(&w)).unwrap_err();
         assert_eq!(err.id, None);
         assert_eq!(err.error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn integral_floats_are_accepted_as_ints_and_fractions_are_not() {
+        let mut w = Writer::new();
+        w.map(4).str("id").uint(1).str("op").str("x");
+        w.str("a").raw(&{
+            let mut b = vec![0xcb];
+            b.extend_from_slice(&1_764_000_000_000f64.to_be_bytes());
+            b
+        });
+        w.str("b").raw(&{
+            let mut b = vec![0xcb];
+            b.extend_from_slice(&1.5f64.to_be_bytes());
+            b
+        });
+        let req = Request::parse(frame(&w)).unwrap();
+        assert_eq!(req.opt_int("a").unwrap(), Some(1_764_000_000_000));
+        assert!(req.opt_int("b").is_err());
     }
 
     #[test]
