@@ -32,6 +32,205 @@ pub enum ClientCommand {
     /// Read and write cache entries.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Queue mail and inspect the queue.
+    #[command(subcommand)]
+    Mail(MailCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MailCommand {
+    /// Queue a mail; prints its mail_id.
+    Send {
+        /// Recipient (repeatable); "Name <addr>" allowed.
+        #[arg(long, required = true)]
+        to: Vec<String>,
+        #[arg(long)]
+        cc: Vec<String>,
+        #[arg(long)]
+        bcc: Vec<String>,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        reply_to: Option<String>,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        text: Option<String>,
+        #[arg(long)]
+        html: Option<String>,
+        /// Attach a file: PATH, or PATH:content/type (repeatable).
+        #[arg(long = "attach")]
+        attachments: Vec<String>,
+        /// An extra header "Name: value" (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Send at this Unix time in milliseconds.
+        #[arg(long)]
+        send_at_ms: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a mail's status (exit 3 if unknown).
+    Status {
+        mail_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List dead mail, newest first.
+    Dead {
+        #[arg(long)]
+        limit: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Queue a dead mail again.
+    Retry {
+        mail_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cancel a queued, scheduled or retrying mail.
+    Cancel {
+        mail_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn invalid_input(message: String) -> ClientError {
+    ClientError::Server {
+        code: "BAD_REQUEST".into(),
+        message,
+        retry_after_ms: None,
+    }
+}
+
+/// Guesses a content type from a file name (for `--attach` without `:type`).
+fn content_type_for(path: &str) -> &'static str {
+    let ext = path.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "csv" => "text/csv",
+        "html" | "htm" => "text/html",
+        "json" => "application/json",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+fn read_attachment(spec: &str) -> Result<crate::client::Attachment, ClientError> {
+    let (path, content_type) = match spec.rsplit_once(':') {
+        Some((p, t)) if t.contains('/') => (p, t.to_owned()),
+        _ => (spec, content_type_for(spec).to_owned()),
+    };
+    let data =
+        std::fs::read(path).map_err(|e| invalid_input(format!("cannot read {path}: {e}")))?;
+    let filename = std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_owned());
+    Ok(crate::client::Attachment {
+        filename,
+        content_type,
+        data,
+    })
+}
+
+async fn run_mail(cmd: MailCommand) -> (Target, Result<Outcome, ClientError>) {
+    match cmd {
+        MailCommand::Send {
+            to,
+            cc,
+            bcc,
+            from,
+            reply_to,
+            subject,
+            text,
+            html,
+            attachments,
+            headers,
+            idempotency_key,
+            send_at_ms,
+            target,
+        } => {
+            let r = async {
+                let attachments = attachments
+                    .iter()
+                    .map(|a| read_attachment(a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let headers = headers
+                    .iter()
+                    .map(|h| {
+                        h.split_once(':')
+                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                            .ok_or_else(|| {
+                                invalid_input(format!("--header {h:?}: expected \"Name: value\""))
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mail = crate::client::Mail {
+                    to,
+                    cc,
+                    bcc,
+                    from,
+                    reply_to,
+                    subject,
+                    text,
+                    html,
+                    headers,
+                    attachments,
+                    idempotency_key,
+                    send_at_ms,
+                };
+                let c = Client::connect(&target.socket).await?;
+                let q = c.mail_send(&mail).await?;
+                Ok(Outcome::Value(Value::Map(vec![
+                    (Value::from("mail_id"), Value::from(q.mail_id)),
+                    (Value::from("status"), Value::from(q.status)),
+                    (Value::from("duplicate"), Value::from(q.duplicate)),
+                ])))
+            }
+            .await;
+            (target, r)
+        }
+        MailCommand::Status { mail_id, target } => {
+            let r = with_client(&target, |c| async move { c.mail_status(&mail_id).await }).await;
+            (target, r.map(Outcome::Value))
+        }
+        MailCommand::Dead { limit, target } => {
+            let r = with_client(&target, |c| async move {
+                c.mail_dead(limit).await.map(Value::Array)
+            })
+            .await;
+            (target, r.map(Outcome::Value))
+        }
+        MailCommand::Retry { mail_id, target } => {
+            let r = with_client(&target, |c| async move {
+                c.mail_retry(&mail_id).await.map(Value::from)
+            })
+            .await;
+            (target, r.map(Outcome::Value))
+        }
+        MailCommand::Cancel { mail_id, target } => {
+            let r = with_client(&target, |c| async move {
+                c.mail_cancel(&mail_id).await.map(|done| {
+                    Value::from(if done {
+                        "cancelled"
+                    } else {
+                        "not cancelled (already sending or finished)"
+                    })
+                })
+            })
+            .await;
+            (target, r.map(Outcome::Value))
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +400,7 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
                 (t, r.map(Outcome::Value))
             }
             ClientCommand::Cache(cmd) => run_cache(cmd).await,
+            ClientCommand::Mail(cmd) => run_mail(cmd).await,
         };
         match outcome {
             Ok(Outcome::Value(value)) => {
@@ -249,6 +449,14 @@ fn print_value(v: &Value, json: bool) {
         match v {
             Value::String(s) => println!("{}", s.as_str().unwrap_or("")),
             Value::Map(_) => print_map(v, 0),
+            Value::Array(items) if items.iter().all(Value::is_map) => {
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print_map(item, 0);
+                }
+            }
             other => println!("{}", to_json(other)),
         }
     }

@@ -385,3 +385,153 @@ fn hit_value(r: &Value) -> Option<Value> {
         None
     }
 }
+
+/// A mail for [`Client::mail_send`]; fields mirror `mail.send` in protocol.md.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mail {
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub bcc: Vec<String>,
+    pub from: Option<String>,
+    pub reply_to: Option<String>,
+    pub subject: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub attachments: Vec<Attachment>,
+    pub idempotency_key: Option<String>,
+    pub send_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub data: Vec<u8>,
+}
+
+/// What `mail.send` answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    pub mail_id: String,
+    /// `queued` or `scheduled` for a new mail; the first mail's status for a duplicate.
+    pub status: String,
+    pub duplicate: bool,
+}
+
+fn strings(items: &[String]) -> Value {
+    Value::Array(items.iter().map(|s| Value::from(s.as_str())).collect())
+}
+
+impl Mail {
+    fn fields(&self) -> Vec<(&'static str, Value)> {
+        let mut f = vec![
+            ("to", strings(&self.to)),
+            ("subject", Value::from(self.subject.as_str())),
+        ];
+        let opt = |v: &Option<String>| v.as_deref().map(Value::from);
+        if !self.cc.is_empty() {
+            f.push(("cc", strings(&self.cc)));
+        }
+        if !self.bcc.is_empty() {
+            f.push(("bcc", strings(&self.bcc)));
+        }
+        for (name, v) in [
+            ("from", opt(&self.from)),
+            ("reply_to", opt(&self.reply_to)),
+            ("text", opt(&self.text)),
+            ("html", opt(&self.html)),
+            ("idempotency_key", opt(&self.idempotency_key)),
+        ] {
+            if let Some(v) = v {
+                f.push((name, v));
+            }
+        }
+        if !self.headers.is_empty() {
+            f.push((
+                "headers",
+                Value::Map(
+                    self.headers
+                        .iter()
+                        .map(|(k, v)| (Value::from(k.as_str()), Value::from(v.as_str())))
+                        .collect(),
+                ),
+            ));
+        }
+        if !self.attachments.is_empty() {
+            f.push((
+                "attachments",
+                Value::Array(
+                    self.attachments
+                        .iter()
+                        .map(|a| {
+                            Value::Map(vec![
+                                (Value::from("filename"), Value::from(a.filename.as_str())),
+                                (
+                                    Value::from("content_type"),
+                                    Value::from(a.content_type.as_str()),
+                                ),
+                                (Value::from("data"), Value::Binary(a.data.clone())),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ));
+        }
+        if let Some(at) = self.send_at_ms {
+            f.push(("send_at_ms", Value::from(at)));
+        }
+        f
+    }
+}
+
+fn text_of(v: &Value, key: &str) -> String {
+    get(v, key).and_then(Value::as_str).unwrap_or("").to_owned()
+}
+
+impl Client {
+    /// `mail.send`: answered once the mail is durably queued.
+    pub async fn mail_send(&self, mail: &Mail) -> Result<Queued, ClientError> {
+        let r = self.call("mail.send", mail.fields()).await?;
+        Ok(Queued {
+            mail_id: text_of(&r, "mail_id"),
+            status: text_of(&r, "status"),
+            duplicate: get(&r, "duplicate")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// `mail.status`: the status record as a map (see protocol.md for its keys).
+    pub async fn mail_status(&self, mail_id: &str) -> Result<Value, ClientError> {
+        self.call("mail.status", vec![("mail_id", Value::from(mail_id))])
+            .await
+    }
+
+    /// `mail.cancel`: whether the mail was stopped before delivery.
+    pub async fn mail_cancel(&self, mail_id: &str) -> Result<bool, ClientError> {
+        let r = self
+            .call("mail.cancel", vec![("mail_id", Value::from(mail_id))])
+            .await?;
+        Ok(get(&r, "cancelled")
+            .and_then(Value::as_bool)
+            .unwrap_or(false))
+    }
+
+    /// `mail.retry`: queues a dead mail again; returns its new status.
+    pub async fn mail_retry(&self, mail_id: &str) -> Result<String, ClientError> {
+        let r = self
+            .call("mail.retry", vec![("mail_id", Value::from(mail_id))])
+            .await?;
+        Ok(text_of(&r, "status"))
+    }
+
+    /// `mail.dead`: dead mail, newest first.
+    pub async fn mail_dead(&self, limit: Option<u64>) -> Result<Vec<Value>, ClientError> {
+        let fields = limit
+            .map(|l| vec![("limit", Value::from(l))])
+            .unwrap_or_default();
+        let r = self.call("mail.dead", fields).await?;
+        Ok(r.as_array().cloned().unwrap_or_default())
+    }
+}
