@@ -37,6 +37,8 @@ pub enum ClientCommand {
     Mail(MailCommand),
 }
 
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum MailCommand {
     /// Queue a mail; prints its mail_id.
