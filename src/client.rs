@@ -43,7 +43,9 @@ impl ClientError {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>>>>>;
+/// Callers waiting for a response, by id; `None` once the connection is gone, so a
+/// call made after the reader stopped fails at once instead of waiting for ever.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, ClientError>>>>>>;
 
 /// A connection to the daemon. Clone it freely: clones share the connection.
 #[derive(Debug, Clone)]
@@ -65,7 +67,7 @@ impl Client {
                 message: e.to_string(),
             })?;
         let (rd, wr) = stream.into_split();
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (outgoing, mut rx) = mpsc::channel::<Bytes>(1024);
         // Writer: batches whatever is queued into one flush.
         tokio::spawn(async move {
@@ -98,6 +100,7 @@ impl Client {
                     // connection limit, TOO_LARGE): every caller gets it.
                     if let Err(e) = outcome
                         && let Ok(mut p) = reader_pending.lock()
+                        && let Some(p) = p.as_mut()
                     {
                         for (_, waiter) in p.drain() {
                             let _ = waiter.send(Err(e.clone()));
@@ -108,15 +111,17 @@ impl Client {
                     }
                     continue;
                 };
-                let waiter = reader_pending.lock().ok().and_then(|mut p| p.remove(&id));
+                let waiter = reader_pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.as_mut().and_then(|p| p.remove(&id)));
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(outcome);
                 }
             }
-            if let Ok(mut p) = reader_pending.lock() {
-                for (_, waiter) in p.drain() {
-                    let _ = waiter.send(Err(ClientError::Closed));
-                }
+            let waiting = reader_pending.lock().ok().and_then(|mut p| p.take());
+            for (_, waiter) in waiting.into_iter().flatten() {
+                let _ = waiter.send(Err(ClientError::Closed));
             }
         });
         Ok(Client {
@@ -146,12 +151,15 @@ impl Client {
         self.pending
             .lock()
             .map_err(|_| ClientError::Closed)?
+            .as_mut()
+            .ok_or(ClientError::Closed)?
             .insert(id, tx);
         if self.outgoing.send(Bytes::from(body)).await.is_err() {
-            self.pending
-                .lock()
-                .map_err(|_| ClientError::Closed)?
-                .remove(&id);
+            if let Ok(mut p) = self.pending.lock()
+                && let Some(p) = p.as_mut()
+            {
+                p.remove(&id);
+            }
             return Err(ClientError::Closed);
         }
         rx.await.map_err(|_| ClientError::Closed)?
