@@ -287,13 +287,31 @@ impl CacheService {
     }
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+        self.store(&self.scripts.set, None, cfg, ks, req).await?;
+        add(&self.stats.sets, 1);
+        Ok(stored(true))
+    }
+
+    /// Runs the SET or FILL script for `{key, value, ttl_ms?, tags?}` (FILL also takes
+    /// the lease, as its first argument); returns the script's reply.
+    async fn store(
+        &self,
+        script: &redis::Script,
+        lease: Option<&str>,
+        cfg: &CacheConfig,
+        ks: &KeySpace,
+        req: &Request,
+    ) -> Result<i64, CacheError> {
         let key = checked_key(cfg, "key", req.str("key")?)?;
         let value = checked_value(cfg, req)?;
         let ttl = ttl_of(cfg, req)?;
         let tags = checked_tags(cfg, req)?;
-        let mut inv = self.scripts.set.key(ks.value(key));
-        inv.key(ks.lease(key))
-            .arg(encode_blob(ttl, value))
+        let mut inv = script.key(ks.value(key));
+        inv.key(ks.lease(key));
+        if let Some(lease) = lease {
+            inv.arg(lease);
+        }
+        inv.arg(encode_blob(ttl, value))
             .arg(ttl)
             .arg(ks.base())
             .arg(key)
@@ -303,12 +321,10 @@ impl CacheService {
         }
         let _permit = self.backend.permit().await;
         let mut conn = self.backend.connection()?;
-        let _: i64 = inv
+        Ok(inv
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| self.backend.classify(e))?;
-        add(&self.stats.sets, 1);
-        Ok(stored(true))
+            .map_err(|e| self.backend.classify(e))?)
     }
 
     async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -533,28 +549,11 @@ impl CacheService {
     }
 
     async fn fill(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
-        let key = checked_key(cfg, "key", req.str("key")?)?;
+        checked_key(cfg, "key", req.str("key")?)?;
         let lease = req.str("lease")?;
-        let value = checked_value(cfg, req)?;
-        let ttl = ttl_of(cfg, req)?;
-        let tags = checked_tags(cfg, req)?;
-        let mut inv = self.scripts.fill.key(ks.value(key));
-        inv.key(ks.lease(key))
-            .arg(lease)
-            .arg(encode_blob(ttl, value))
-            .arg(ttl)
-            .arg(ks.base())
-            .arg(key)
-            .arg(&self.channel);
-        for t in &tags {
-            inv.arg(*t);
-        }
-        let _permit = self.backend.permit().await;
-        let mut conn = self.backend.connection()?;
-        let outcome: i64 = inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.backend.classify(e))?;
+        let outcome = self
+            .store(&self.scripts.fill, Some(lease), cfg, ks, req)
+            .await?;
         let ok = outcome == 1;
         add(
             if ok {
