@@ -72,6 +72,16 @@ fn response_id(frame: &[u8]) -> Option<u64> {
 
 /// `depth` cache.get requests in flight on one connection for `duration`.
 async fn satchel_gets(socket: PathBuf, depth: usize, duration: Duration) -> Samples {
+    satchel_requests(socket, depth, duration, "cache.get").await
+}
+
+/// `depth` requests of `op` (cache.get, or ping for the daemon's floor) in flight.
+async fn satchel_requests(
+    socket: PathBuf,
+    depth: usize,
+    duration: Duration,
+    op: &'static str,
+) -> Samples {
     let stream = UnixStream::connect(&socket).await.expect("connect");
     let (rd, wr) = stream.into_split();
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
@@ -84,7 +94,7 @@ async fn satchel_gets(socket: PathBuf, depth: usize, duration: Duration) -> Samp
     let frame_for = |id: u64| {
         let mut key_field = satchel::protocol::msgpack::Writer::new();
         key_field.str(&key(id.wrapping_mul(7919)));
-        wire::request_frame(id, "cache.get", &[("key", key_field.as_slice())])
+        wire::request_frame(id, op, &[("key", key_field.as_slice())])
     };
     let started = Instant::now();
     for _ in 0..depth {
@@ -96,7 +106,10 @@ async fn satchel_gets(socket: PathBuf, depth: usize, duration: Duration) -> Samp
     while started.elapsed() < duration {
         wire::read_frame(&mut rd, &mut body).await.expect("read");
         let id = response_id(&body).expect("id");
-        assert!(body.windows(4).any(|w| w == b"\xa3hit"), "response has hit");
+        assert!(
+            op == "ping" || body.windows(4).any(|w| w == b"\xa3hit"),
+            "response has hit"
+        );
         samples.record(sent_at[id as usize % RING].elapsed());
         wr.write_all(&frame_for(next_id)).await.expect("write");
         sent_at[next_id as usize % RING] = Instant::now();
@@ -211,6 +224,12 @@ pub fn run(duration: Duration, runs: usize) {
             s.print(&format!("satchel cache.get, {conns} conn x {depth}"));
             s.print_ratio("satchel/direct", &d);
         }
+        // The floor of any satchel request from this load generator: ping needs no Redis.
+        let mut pings = Vec::new();
+        for _ in 0..runs {
+            pings.push(satchel_requests(socket.clone(), 1, duration, "ping").await);
+        }
+        Summary::median_of(&pings).print("satchel ping (no Redis), 1 conn x 1");
         herd(&socket, &url).await;
         cpu_per_get(&socket, daemon.0.id()).await;
     });
