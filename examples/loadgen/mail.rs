@@ -48,14 +48,14 @@ fn start_redis(dir: &Path) -> (Proc, String) {
     (Proc(child), format!("redis://127.0.0.1:{port}"))
 }
 
-struct Sink {
+pub(crate) struct Sink {
     _proc: Proc,
-    port: u16,
+    pub(crate) port: u16,
     out: PathBuf,
 }
 
 impl Sink {
-    fn start(dir: &Path, name: &str) -> Sink {
+    pub(crate) fn start(dir: &Path, name: &str) -> Sink {
         let port = free_port();
         let out = dir.join(format!("{name}.jsonl"));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_sink.py");
@@ -83,7 +83,7 @@ impl Sink {
             .collect()
     }
 
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         std::fs::read_to_string(&self.out)
             .map(|s| s.lines().count())
             .unwrap_or(0)
@@ -115,7 +115,7 @@ impl Sink {
     }
 }
 
-fn start_satchel(
+pub(crate) fn start_satchel(
     dir: &Path,
     name: &str,
     redis_url: &str,
