@@ -265,6 +265,10 @@ async fn smtp_killed_for_30_seconds_then_back_delivers_everything() {
     );
     assert_eq!(missing, 0);
     assert!(dups <= CONCURRENCY);
+    for id in &accepted {
+        let st = c.mail_status(id).await.unwrap();
+        assert_eq!(field(&st, "status").as_str(), Some("sent"), "{id}: {st}");
+    }
     assert!(wait_until(Duration::from_secs(5), || sending_after == 0
         || sink.count() >= want.len()));
     sink.stop();
