@@ -392,15 +392,7 @@ fn sigterm_answers_what_was_read_refuses_new_work_and_exits_zero() {
         .unwrap();
     }
     // Wait until the daemon has read all 20 (they are in flight).
-    let mut probe = daemon.raw();
-    assert!(wait_until(Duration::from_secs(5), || {
-        probe
-            .write_all(&frame(&request(1, "stats", |_| 0)))
-            .unwrap();
-        let (_, _, stats) = decode(&read_frame(&mut probe).unwrap());
-        field(&stats, "inflight").as_u64().unwrap() >= 21
-    }));
-    drop(probe);
+    assert!(daemon.wait_inflight(21));
     daemon.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(&frame(&request(100, "ping", |_| 0))).unwrap();
@@ -517,14 +509,7 @@ fn a_second_stop_signal_exits_at_once() {
         1
     })))
     .unwrap();
-    let mut probe = daemon.raw();
-    assert!(wait_until(Duration::from_secs(5), || {
-        probe
-            .write_all(&frame(&request(1, "stats", |_| 0)))
-            .unwrap();
-        let (_, _, stats) = decode(&read_frame(&mut probe).unwrap());
-        field(&stats, "inflight").as_u64().unwrap() >= 2
-    }));
+    assert!(daemon.wait_inflight(2));
     daemon.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
     assert!(

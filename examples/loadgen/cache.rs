@@ -208,7 +208,7 @@ pub fn run(duration: Duration, runs: usize) {
              {runs} alternating runs of {}s per case, medians; 2 cores shared by load generator, daemon and redis-server",
             duration.as_secs()
         );
-        println!("{:<40} {:>10} {:>9} {:>9}", "case", "ops/s", "p50 µs", "p99 µs");
+        crate::stats::print_header();
         for (conns, depth) in [(1usize, 1usize), (1, 64), (8, 64)] {
             let mut sat = Vec::new();
             let mut dir_ = Vec::new();

@@ -225,10 +225,7 @@ fn enqueue_rates(dir: &Path, redis_url: &str, duration: Duration, runs: usize) {
     );
     let frame = send_frame(1, "ann@example.com", None);
     println!("\n1. enqueue: mail.send with a 1 KB html body, one connection");
-    println!(
-        "{:<40} {:>10} {:>9} {:>9}",
-        "case", "ops/s", "p50 µs", "p99 µs"
-    );
+    crate::stats::print_header();
     rt().block_on(async {
         for depth in [1usize, 64] {
             let mut all = Vec::new();

@@ -164,10 +164,7 @@ fn ping(duration: Duration, runs: usize) {
          2 cores shared by client, daemon and echo server",
         duration.as_secs()
     );
-    println!(
-        "{:<40} {:>10} {:>9} {:>9}",
-        "case", "ops/s", "p50 µs", "p99 µs"
-    );
+    crate::stats::print_header();
     rt().block_on(async {
         for depth in [1usize, 64] {
             let mut echo = Vec::new();

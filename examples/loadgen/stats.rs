@@ -37,6 +37,14 @@ impl Samples {
     }
 }
 
+/// The header of the tables `Summary::print` fills.
+pub fn print_header() {
+    println!(
+        "{:<40} {:>10} {:>9} {:>9}",
+        "case", "ops/s", "p50 µs", "p99 µs"
+    );
+}
+
 /// Medians over several runs of the same case.
 pub struct Summary {
     pub ops_per_sec: f64,

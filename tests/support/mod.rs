@@ -261,6 +261,19 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Waits (up to 5 s) until `stats.inflight` reaches `n`, counting the probing
+    /// `stats` request itself; returns whether it did.
+    pub fn wait_inflight(&self, n: u64) -> bool {
+        let mut probe = self.raw();
+        wait_until(Duration::from_secs(5), || {
+            probe
+                .write_all(&frame(&request(1, "stats", |_| 0)))
+                .unwrap();
+            let (_, _, stats) = decode(&read_frame(&mut probe).unwrap());
+            field(&stats, "inflight").as_u64().unwrap() >= n
+        })
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
