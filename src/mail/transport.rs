@@ -177,6 +177,18 @@ pub enum Transport {
     File(PathBuf),
 }
 
+/// A transport made ready for one delivery before that delivery is throttled and
+/// begun, so that the global rate limiter's permit is followed by the SMTP
+/// transaction itself and not by a connection setup of unknown length (the server
+/// then sees no more than `rate_per_sec` messages in any second, give or take one
+/// transaction).
+pub enum Ready {
+    /// An idle or new connection (it may turn out stale by the time it is used, and
+    /// is then replaced once), or why none could be made.
+    Smtp(Result<Box<AsyncSmtpConnection>, SendError>),
+    File,
+}
+
 impl Transport {
     pub fn from_config(cfg: &MailConfig) -> Result<Transport, String> {
         Ok(match cfg.transport_kind() {
@@ -192,12 +204,48 @@ impl Transport {
         raw: &[u8],
         name: &str,
     ) -> Result<Delivered, SendError> {
+        let ready = self.ready().await;
+        self.send_ready(ready, from, rcpts, raw, name).await
+    }
+
+    /// An SMTP connection (idle or new) for the next delivery; connection errors are
+    /// kept and reported by [`Transport::send_ready`].
+    pub async fn ready(&self) -> Ready {
         match self {
-            Transport::Smtp(pool) => pool.send(from, rcpts, raw).await,
-            Transport::File(dir) => write_eml(dir, name, raw)
+            Transport::Smtp(pool) => Ready::Smtp(match pool.take_idle() {
+                Some(conn) => Ok(Box::new(conn)),
+                None => pool.connect().await.map(Box::new),
+            }),
+            Transport::File(_) => Ready::File,
+        }
+    }
+
+    /// Hands back a readied connection that was not needed (the entry needed no
+    /// delivery).
+    pub fn release(&self, ready: Ready) {
+        if let (Transport::Smtp(pool), Ready::Smtp(Ok(conn))) = (self, ready) {
+            pool.put_back(*conn);
+        }
+    }
+
+    /// Sends one message on a readied transport.
+    pub async fn send_ready(
+        &self,
+        ready: Ready,
+        from: &str,
+        rcpts: &[String],
+        raw: &[u8],
+        name: &str,
+    ) -> Result<Delivered, SendError> {
+        match (self, ready) {
+            (Transport::Smtp(pool), Ready::Smtp(conn)) => {
+                pool.send_on(*conn?, from, rcpts, raw).await
+            }
+            (Transport::File(dir), _) => write_eml(dir, name, raw)
                 .await
                 .map(|()| Delivered::default())
                 .map_err(|e| SendError::Transient(format!("cannot write {}: {e}", dir.display()))),
+            (Transport::Smtp(pool), Ready::File) => pool.send(from, rcpts, raw).await,
         }
     }
 }
@@ -230,6 +278,10 @@ impl fmt::Debug for SmtpPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SmtpPool").field("url", &self.url).finish()
     }
+}
+
+fn stale() -> SendError {
+    SendError::Transient("the SMTP connection closed before MAIL FROM was answered".into())
 }
 
 /// `RSET`: lettre has no command type for it.
@@ -431,19 +483,29 @@ impl SmtpPool {
         rcpts: &[String],
         raw: &[u8],
     ) -> Result<Delivered, SendError> {
-        if let Some(conn) = self.take_idle() {
-            match self.transaction(conn, from, rcpts, raw).await {
-                Err(Stale) => {}
-                Ok(outcome) => return outcome,
-            }
-        }
-        let conn = self.connect().await?;
-        match self.transaction(conn, from, rcpts, raw).await {
-            Ok(outcome) => outcome,
-            Err(Stale) => Err(SendError::Transient(
-                "the SMTP connection closed before MAIL FROM was answered".into(),
-            )),
-        }
+        let conn = match self.take_idle() {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        self.send_on(conn, from, rcpts, raw).await
+    }
+
+    /// Sends on `conn`. One found stale (closed by the server while it sat idle in
+    /// the pool or behind the rate limiter) is replaced once by a new connection.
+    async fn send_on(
+        &self,
+        conn: AsyncSmtpConnection,
+        from: &str,
+        rcpts: &[String],
+        raw: &[u8],
+    ) -> Result<Delivered, SendError> {
+        let conn = match self.transaction(conn, from, rcpts, raw).await {
+            Ok(outcome) => return outcome,
+            Err(Stale) => self.connect().await?,
+        };
+        self.transaction(conn, from, rcpts, raw)
+            .await
+            .unwrap_or_else(|Stale| Err(stale()))
     }
 
     async fn cmd<C: fmt::Display>(

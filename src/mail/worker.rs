@@ -343,7 +343,12 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry_id: &str, mail_i
             .await;
         return;
     }
+    // Under a rate limit, connect first, so that the permit is followed by the
+    // transaction itself: the SMTP server sees at most `rate_per_sec` messages in any
+    // second, whatever a connection setup costs.
+    let mut ready = None;
     if cfg.rate_per_sec > 0 {
+        ready = Some(mail.transport.ready().await);
         loop {
             match mail.queue.rate_wait(&mut conn, cfg.rate_per_sec).await {
                 Ok(0) => break,
@@ -377,17 +382,30 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry_id: &str, mail_i
             raw,
         } => (attempts, from, rcpts, raw),
         Begin::Skip(status) => {
+            if let Some(ready) = ready {
+                mail.transport.release(ready);
+            }
             tracing::debug!(%mail_id, %status, "entry needs no delivery; acknowledged");
             return;
         }
         Begin::Dead(reason) => {
+            if let Some(ready) = ready {
+                mail.transport.release(ready);
+            }
             mail.counters.dead.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%mail_id, %reason, "mail is dead");
             return;
         }
     };
     mail.counters.sending.fetch_add(1, Ordering::Relaxed);
-    let result = mail.transport.send(&from, &rcpts, &raw, mail_id).await;
+    let ready = match ready {
+        Some(ready) => ready,
+        None => mail.transport.ready().await,
+    };
+    let result = mail
+        .transport
+        .send_ready(ready, &from, &rcpts, &raw, mail_id)
+        .await;
     let outcome = outcome_of(cfg, attempts, result);
     match &outcome {
         Outcome::Sent { .. } => {
