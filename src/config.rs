@@ -57,6 +57,11 @@ pub struct ServerConfig {
     pub max_inflight_bytes_per_conn: u64,
     pub max_connections: u64,
     pub shutdown_timeout_ms: u64,
+    /// Threads of the async runtime; 0 = one per CPU core. One is the default: the
+    /// daemon mostly waits on sockets, and on one thread a request never pays a
+    /// cross-thread wake-up between its connection task and the Redis connection
+    /// (measured in BENCHMARKS.md: 1.8x the cache.get throughput of two threads).
+    pub worker_threads: u64,
     /// Peer uids allowed to talk to the daemon; empty (with empty `allow_gids`) = anyone
     /// who can open the socket.
     pub allow_uids: Vec<u32>,
@@ -136,6 +141,7 @@ impl Default for ServerConfig {
             max_inflight_bytes_per_conn: 4 * 1024 * 1024,
             max_connections: 1024,
             shutdown_timeout_ms: 10_000,
+            worker_threads: 1,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
         }
@@ -240,6 +246,12 @@ impl Config {
             return Err(invalid(
                 "server.max_frame_bytes",
                 "must be between 1024 and 4294967295",
+            ));
+        }
+        if s.worker_threads > 1024 {
+            return Err(invalid(
+                "server.worker_threads",
+                "must be between 0 (one per CPU core) and 1024",
             ));
         }
         if s.max_inflight_per_conn == 0 {
@@ -457,6 +469,10 @@ mod tests {
             e.contains("SATCHEL_SERVER_MAX_CONNECTIONS") && e.contains("integer"),
             "{e}"
         );
+        let e = load_str("[server]\nworker_threads = 5000\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.worker_threads"), "{e}");
         let e = load_str("[redis]\nurl = \"http://x\"\n", &[])
             .unwrap_err()
             .to_string();

@@ -25,6 +25,24 @@ pub enum DaemonError {
     Server(#[from] ServerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// `satchel serve`: loads the config, builds the runtime it asks for
+/// (`server.worker_threads`) and runs [`serve`] on it.
+pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let config = Config::load(config_path.as_deref())?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        builder.worker_threads(config.server.worker_threads as usize);
+    }
+    let runtime = builder
+        .thread_name("satchel")
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(config, config_path))
 }
 
 /// Changes the log filter of the running process (SIGHUP).
@@ -53,8 +71,7 @@ fn init_logging(level: &str) -> SetLogLevel {
 
 /// Runs the daemon until SIGTERM/SIGINT and a graceful drain. Returns when it is
 /// time to exit 0; a second stop signal exits the process at once with status 1.
-pub async fn serve(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
-    let config = Config::load(config_path.as_deref())?;
+pub async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let set_log_level = init_logging(&config.log.level);
     raise_fd_limit(config.server.max_connections);
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
@@ -129,8 +146,13 @@ fn reload(path: Option<&Path>, shared: &Arc<Shared>, set_log_level: &SetLogLevel
     match Config::load(path) {
         Ok(new) => {
             let old = shared.config.load();
-            if new.server.socket != old.server.socket || new.redis != old.redis {
-                tracing::warn!("server.socket and [redis] changes take effect after a restart");
+            if new.server.socket != old.server.socket
+                || new.server.worker_threads != old.server.worker_threads
+                || new.redis != old.redis
+            {
+                tracing::warn!(
+                    "server.socket, server.worker_threads and [redis] changes take effect after a restart"
+                );
             }
             if new.mail != old.mail {
                 tracing::warn!(

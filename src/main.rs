@@ -49,23 +49,14 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("satchel: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(satchel::daemon::serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("satchel: {e}");
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
+        Command::Serve { config } => match satchel::daemon::run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("satchel: {e}");
+                tracing::error!("{e}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Client(cmd) => satchel::cli::run(cmd),
     }
 }

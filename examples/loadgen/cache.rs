@@ -209,7 +209,13 @@ pub fn run(duration: Duration, runs: usize) {
             duration.as_secs()
         );
         crate::stats::print_header();
+        // LOADGEN_CACHE_ONLY=1|64|512|cpu runs one case alone (for profiling).
+        let only = std::env::var("LOADGEN_CACHE_ONLY").ok();
+        let wanted = |case: &str| only.as_deref().is_none_or(|o| o == case);
         for (conns, depth) in [(1usize, 1usize), (1, 64), (8, 64)] {
+            if !wanted(&(conns * depth).to_string()) {
+                continue;
+            }
             let mut sat = Vec::new();
             let mut dir_ = Vec::new();
             for _ in 0..runs {
@@ -223,6 +229,12 @@ pub fn run(duration: Duration, runs: usize) {
             d.print(&format!("direct GET, {conns} conn x {depth}"));
             s.print(&format!("satchel cache.get, {conns} conn x {depth}"));
             s.print_ratio("satchel/direct", &d);
+        }
+        if only.is_some() {
+            if wanted("cpu") {
+                cpu_per_get(&socket, daemon.0.id()).await;
+            }
+            return;
         }
         // The floor of any satchel request from this load generator: ping needs no Redis.
         let mut pings = Vec::new();

@@ -237,7 +237,7 @@ fn enqueue_rates(dir: &Path, redis_url: &str, duration: Duration, runs: usize) {
     });
     drop(_producer);
     let info: String = redis_cmd(redis_url, &["INFO", "commandstats"]);
-    for line in info.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
+    for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
         println!("   redis-server time per enqueue script: {line}");
     }
     redis_cmd::<()>(redis_url, &["FLUSHALL"]);

@@ -209,9 +209,11 @@ impl CacheService {
             "cache.mget" => self.mget(cfg, &ks, req).await,
             "cache.set" => self.set(cfg, &ks, req).await,
             "cache.del" => self.del(cfg, &ks, req).await,
-            "cache.fetch" => self.fetch(cfg, &ks, req).await,
-            "cache.fill" => self.fill(cfg, &ks, req).await,
-            "cache.invalidate" => self.invalidate(cfg, &ks, req).await,
+            // Boxed: their futures are large and would make every request's future
+            // (moved into the connection's FuturesUnordered) as large.
+            "cache.fetch" => Box::pin(self.fetch(cfg, &ks, req)).await,
+            "cache.fill" => Box::pin(self.fill(cfg, &ks, req)).await,
+            "cache.invalidate" => Box::pin(self.invalidate(cfg, &ks, req)).await,
             other => Err(
                 OpError::new(ErrorCode::UnknownOp, format!("unknown op `{other}`"))
                     .with_field("op")

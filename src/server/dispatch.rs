@@ -33,13 +33,15 @@ pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Respon
     let result = match req.op() {
         "hello" => hello(shared, &req),
         "ping" => ping(&req).await,
-        "stats" => stats(shared).await,
-        "health" => health(shared).await,
+        // Rare ops with large futures are boxed, so that every in-flight request (its
+        // future is moved into the connection's FuturesUnordered) stays small.
+        "stats" => Box::pin(stats(shared)).await,
+        "health" => Box::pin(health(shared)).await,
         op if op.starts_with("cache.") => {
             let cfg = shared.config.load();
             shared.cache.handle(&cfg.cache, peer, &req).await
         }
-        op if op.starts_with("mail.") => crate::mail::handle(shared, &req).await,
+        op if op.starts_with("mail.") => Box::pin(crate::mail::handle(shared, &req)).await,
         other => Err(OpError::new(
             ErrorCode::UnknownOp,
             format!("unknown op `{other}`; `hello` lists the ops this server knows"),
