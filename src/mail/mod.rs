@@ -3,6 +3,7 @@
 //!
 //! - [`message`]: request fields → a validated, rendered RFC 5322 message.
 //! - [`queue`]: the Redis keys and the Lua scripts of every status transition.
+//! - [`batch`]: group commit, so concurrent `mail.send`s share one script run.
 //! - [`worker`]: the consumer-group delivery loop, retries, reclaim, schedule.
 //! - [`transport`]: SMTP through our own nodelay connection pool, or `.eml` files.
 //!
@@ -11,8 +12,10 @@
 //! permanent ones, `dead → queued` by `mail.retry`, and `queued | scheduled | retrying
 //! → cancelled` by `mail.cancel`.
 
+pub mod batch;
 pub mod config;
 pub mod message;
+mod qp;
 pub mod queue;
 pub mod transport;
 pub mod worker;
@@ -117,6 +120,7 @@ pub struct MailCounters {
 #[derive(Debug)]
 pub struct MailService {
     pub queue: Queue,
+    pub enqueuer: Arc<batch::Enqueuer>,
     pub transport: Arc<Transport>,
     pub counters: MailCounters,
     /// This daemon's consumer name in the group: unique per process.
@@ -127,6 +131,7 @@ impl MailService {
     pub fn new(cfg: &crate::config::Config) -> Result<MailService, String> {
         Ok(MailService {
             queue: Queue::new(&cfg.redis.prefix),
+            enqueuer: Arc::default(),
             transport: Arc::new(Transport::from_config(&cfg.mail)?),
             counters: MailCounters::default(),
             consumer: format!(
@@ -209,21 +214,25 @@ async fn send(shared: &Shared, req: &Request) -> OpResult {
     };
     let built = message::build(&draft, &mc.from, mc.max_message_bytes, new_mail_id())?;
     let mail = &shared.mail;
-    let enqueued = async {
-        let mut conn = shared.backend.connection()?;
-        mail.queue
-            .enqueue(
-                &mut conn,
-                &built,
-                send_at,
-                draft.idempotency_key.as_deref(),
-                mc.idempotency_ttl_ms,
-                mc.status_retention_ms,
-            )
-            .await
-            .map_err(|e| shared.backend.classify(e))
-    }
-    .await;
+    let settings = batch::EnqueueSettings {
+        idem_ttl_ms: mc.idempotency_ttl_ms,
+        retention_ms: mc.status_retention_ms,
+    };
+    let enqueued = match shared.backend.connection() {
+        // Known down: fail (or send directly) at once, without waiting for a batch.
+        Err(e) => Err((e, Some(built))),
+        Ok(_) => {
+            let new = queue::NewMail {
+                built,
+                send_at_ms: send_at,
+                idempotency_key: draft.idempotency_key.clone(),
+            };
+            mail.enqueuer
+                .enqueue_or_return(&shared.backend, &mail.queue, settings, new)
+                .await
+                .map_err(|(e, new)| (shared.backend.classify(e), new.map(|n| n.built)))
+        }
+    };
     match enqueued {
         Ok(e) => encode(&SendResult {
             mail_id: e.mail_id,
@@ -232,7 +241,7 @@ async fn send(shared: &Shared, req: &Request) -> OpResult {
         }),
         // Only when Redis is certainly unreachable: after a timeout the mail may be
         // queued already, and a direct send could deliver it twice.
-        Err(BackendError::Unavailable(why)) if mc.on_redis_down == "direct" => {
+        Err((BackendError::Unavailable(why), Some(built))) if mc.on_redis_down == "direct" => {
             tracing::warn!(mail_id = %built.mail_id, reason = %why, "redis is down: sending directly");
             mail.transport
                 .send(&built.from, &built.rcpts, &built.raw, &built.mail_id)
@@ -244,7 +253,7 @@ async fn send(shared: &Shared, req: &Request) -> OpResult {
                 duplicate: false,
             })
         }
-        Err(e) => Err(e.into()),
+        Err((e, _)) => Err(e.into()),
     }
 }
 

@@ -38,34 +38,50 @@ const NOW: &str = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 10
 
 const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end\n";
 
-/// KEYS: status, stream, sched, counts, idem.  ARGV: mail_id, send_at_ms (0 = now),
-/// idem_ttl_ms, retention_ms, has_idem, status key prefix, then field/value pairs.
+/// Enqueues a batch of mails in one call (group commit: concurrent `mail.send`s share
+/// one script run, which costs Redis far less per mail than one run each).
+/// KEYS: stream, sched, counts.  ARGV: idem_ttl_ms, retention_ms, status key prefix,
+/// idempotency key prefix, then per mail ENQUEUE_ARGS values: mail_id, send_at_ms
+/// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw.
+/// → per mail: mail_id, status, duplicate (0|1). Mails are handled in order, so two
+/// in one batch with the same idempotency key behave as two calls would.
 const ENQUEUE: &str = r#"
-if ARGV[5] == '1' then
-  local existing = redis.call('GET', KEYS[5])
-  if existing then
-    local st = redis.call('HGET', ARGV[6] .. existing, 'status')
-    return {existing, st or 'expired', 1}
+local idem_ttl, retention, sp, ip = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local out, added = {}, {queued = 0, scheduled = 0}
+for j = 5, #ARGV, 9 do
+  local id, send_at, ikey = ARGV[j], tonumber(ARGV[j + 1]), ARGV[j + 2]
+  local existing = nil
+  if ikey ~= '' then
+    existing = redis.call('GET', ip .. ikey)
+    if not existing then redis.call('SET', ip .. ikey, id, 'PX', idem_ttl) end
   end
-  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[3])
+  if existing then
+    local st = redis.call('HGET', sp .. existing, 'status')
+    out[#out + 1] = existing; out[#out + 1] = st or 'expired'; out[#out + 1] = 1
+  else
+    local sk = sp .. id
+    local status = 'queued'
+    if send_at > now then status = 'scheduled' end
+    redis.call('HSET', sk, 'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now,
+      'from', ARGV[j + 3], 'rcpt', ARGV[j + 4], 'to', ARGV[j + 5], 'subject', ARGV[j + 6],
+      'message_id', ARGV[j + 7], 'raw', ARGV[j + 8])
+    local ttl = retention
+    if status == 'scheduled' then
+      redis.call('HSET', sk, 'next_attempt_ms', send_at)
+      redis.call('ZADD', KEYS[2], send_at, id)
+      ttl = ttl + send_at - now
+    else
+      redis.call('XADD', KEYS[1], '*', 'id', id)
+    end
+    redis.call('PEXPIRE', sk, ttl)
+    added[status] = added[status] + 1
+    out[#out + 1] = id; out[#out + 1] = status; out[#out + 1] = 0
+  end
 end
-local status = 'queued'
-local send_at = tonumber(ARGV[2])
-if send_at > now then status = 'scheduled' end
-local fields = {'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-local ttl = tonumber(ARGV[4])
-if status == 'scheduled' then
-  redis.call('HSET', KEYS[1], 'next_attempt_ms', send_at)
-  redis.call('ZADD', KEYS[3], send_at, ARGV[1])
-  ttl = ttl + send_at - now
-else
-  redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+for st, n in pairs(added) do
+  if n > 0 then redis.call('HINCRBY', KEYS[3], st, n) end
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('HINCRBY', KEYS[4], status, 1)
-return {ARGV[1], status, 0}
+return out
 "#;
 
 /// KEYS: sched, stream, counts.  ARGV: status key prefix, limit.
@@ -213,6 +229,15 @@ pub struct Queue {
     cancel: Script,
     retry: Script,
     rate_script: Script,
+}
+
+/// One mail for [`Queue::enqueue`].
+#[derive(Debug)]
+pub struct NewMail {
+    pub built: super::message::Built,
+    /// When to send (Unix ms); 0 or a past time = now.
+    pub send_at_ms: u64,
+    pub idempotency_key: Option<String>,
 }
 
 /// What `enqueue` did.
@@ -364,48 +389,44 @@ impl Queue {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Enqueues `mails` in one script run; the answers come in the same order.
     pub async fn enqueue<C: ConnectionLike>(
         &self,
         conn: &mut C,
-        built: &super::message::Built,
-        send_at_ms: u64,
-        idempotency_key: Option<&str>,
+        mails: &[NewMail],
         idem_ttl_ms: u64,
         retention_ms: u64,
-    ) -> RedisResult<Enqueued> {
-        let idem = idempotency_key.map(|k| self.idem_key(k));
+    ) -> RedisResult<Vec<Enqueued>> {
         let mut inv = self.enqueue.prepare_invoke();
-        inv.key(self.status_key(&built.mail_id))
-            .key(&self.stream)
+        inv.key(&self.stream)
             .key(&self.sched)
             .key(&self.counts)
-            .key(idem.clone().unwrap_or_else(|| self.idem_key("")))
-            .arg(&built.mail_id)
-            .arg(send_at_ms)
             .arg(idem_ttl_ms)
             .arg(retention_ms)
-            .arg(if idem.is_some() { "1" } else { "0" })
             .arg(self.status_prefix())
-            .arg("from")
-            .arg(&built.from)
-            .arg("rcpt")
-            .arg(built.rcpts.join("\n"))
-            .arg("to")
-            .arg(built.to_display.join("\n"))
-            .arg("subject")
-            .arg(&built.subject)
-            .arg("message_id")
-            .arg(&built.message_id)
-            .arg("raw")
-            .arg(&built.raw[..]);
+            .arg(self.idem_key(""));
+        for m in mails {
+            let b = &m.built;
+            inv.arg(&b.mail_id)
+                .arg(m.send_at_ms)
+                .arg(m.idempotency_key.as_deref().unwrap_or(""))
+                .arg(&b.from)
+                .arg(b.rcpts.join("\n"))
+                .arg(b.to_display.join("\n"))
+                .arg(&b.subject)
+                .arg(&b.message_id)
+                .arg(&b.raw[..]);
+        }
         let v: Value = inv.invoke_async(conn).await?;
         match &v {
-            Value::Array(items) if items.len() == 3 => Ok(Enqueued {
-                mail_id: text(&items[0]).unwrap_or_default(),
-                status: text(&items[1]).unwrap_or_default(),
-                duplicate: num(&items[2]) == Some(1),
-            }),
+            Value::Array(items) if items.len() == 3 * mails.len() => Ok(items
+                .chunks(3)
+                .map(|it| Enqueued {
+                    mail_id: text(&it[0]).unwrap_or_default(),
+                    status: text(&it[1]).unwrap_or_default(),
+                    duplicate: num(&it[2]) == Some(1),
+                })
+                .collect()),
             other => Err(unexpected("enqueue", other)),
         }
     }

@@ -132,6 +132,7 @@ impl Server {
                 .run_health(shutdown.child_token()),
         );
         self.shared.cache.start(&tasks, &shutdown);
+        self.shared.mail.enqueuer.start(&tasks);
         tasks.spawn(crate::mail::worker::run(
             self.shared.clone(),
             shutdown.child_token(),
