@@ -40,13 +40,11 @@ pub fn text_part(content_type: ContentType, text: &str) -> SinglePart {
 /// lettre's test for "a line is too long for 7bit" (76 bytes or more between LFs).
 fn line_too_long(b: &[u8]) -> bool {
     let mut start = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if c == b'\n' {
-            if i - start >= MAX_LINE {
-                return true;
-            }
-            start = i;
+    for i in memchr::memchr_iter(b'\n', b) {
+        if i - start >= MAX_LINE {
+            return true;
         }
+        start = i;
     }
     b.len() - start >= MAX_LINE
 }
@@ -72,31 +70,59 @@ pub fn encode(input: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One hard line (no CR LF inside except bare CRs, which are escaped).
+/// Whether byte `i` of `line` is written as itself.
+fn literal(line: &[u8], i: usize) -> bool {
+    match line[i] {
+        b'=' => false,
+        // Whitespace at the end of a line must be escaped (RFC 2045 6.7, rule 3).
+        b' ' | b'\t' => i + 1 < line.len(),
+        c => c.is_ascii_graphic(),
+    }
+}
+
+/// One hard line (no CR LF inside except bare CRs, which are escaped). Every encoded
+/// line but the last of a hard line ends in a soft break `=`, so holds 75 characters
+/// before it; the last may hold 76.
 fn encode_line(line: &[u8], out: &mut Vec<u8>) {
+    let n = line.len();
     let mut col = 0;
-    for (i, &c) in line.iter().enumerate() {
-        let is_last = i + 1 == line.len();
-        let literal = match c {
-            b'=' => false,
-            b' ' | b'\t' => !is_last,
-            b'!'..=b'~' => true,
-            _ => false,
-        };
-        let width = if literal { 1 } else { 3 };
-        // Room for this token plus a soft-break '=' after it, unless it ends the line.
-        let limit = if is_last { MAX_LINE } else { MAX_LINE - 1 };
-        if col + width > limit {
-            out.extend_from_slice(b"=\r\n");
-            col = 0;
-        }
-        if literal {
-            out.push(c);
+    let mut i = 0;
+    while i < n {
+        if literal(line, i) {
+            // Copy the whole run of literal bytes, a line's worth at a time.
+            let mut end = i + 1;
+            while end < n && literal(line, end) {
+                end += 1;
+            }
+            while i < end {
+                let left = end - i;
+                let room = if end == n && left <= MAX_LINE - col {
+                    left
+                } else {
+                    (MAX_LINE - 1).saturating_sub(col)
+                };
+                if room == 0 {
+                    out.extend_from_slice(b"=\r\n");
+                    col = 0;
+                    continue;
+                }
+                let take = left.min(room);
+                out.extend_from_slice(&line[i..i + take]);
+                col += take;
+                i += take;
+            }
         } else {
+            let limit = if i + 1 == n { MAX_LINE } else { MAX_LINE - 1 };
+            if col + 3 > limit {
+                out.extend_from_slice(b"=\r\n");
+                col = 0;
+            }
             const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            let c = line[i];
             out.extend_from_slice(&[b'=', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]);
+            col += 3;
+            i += 1;
         }
-        col += width;
     }
 }
 

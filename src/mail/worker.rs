@@ -143,14 +143,14 @@ async fn reader(
         };
         match reply {
             Ok(v) => {
-                for (entry_id, mail_id) in stream_entries(&v) {
+                for entry in stream_entries(&v) {
                     // Usually free at once; if the janitor took the slots meanwhile,
                     // wait for a delivery to end (on shutdown the rest stay pending).
                     let permit = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                     };
-                    spawn_delivery(&shared, &cfg, &tasks, entry_id, mail_id, permit, false);
+                    spawn_delivery(&shared, &cfg, &tasks, entry, permit, false);
                 }
             }
             Err(e) if e.code() == Some("NOGROUP") => {
@@ -168,8 +168,17 @@ async fn reader(
     }
 }
 
-/// (entry id, mail_id) pairs of an XREADGROUP / XAUTOCLAIM entry list.
-fn entries_of(list: &Value) -> Vec<(String, String)> {
+/// One stream entry: a mail to deliver.
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    mail_id: String,
+    /// The message, when the entry carries it (entries of satchel 0.1 do not).
+    raw: Option<Vec<u8>>,
+}
+
+/// The entries of an XREADGROUP / XAUTOCLAIM entry list.
+fn entries_of(list: &Value) -> Vec<Entry> {
     let mut out = Vec::new();
     let Value::Array(entries) = list else {
         return out;
@@ -180,17 +189,23 @@ fn entries_of(list: &Value) -> Vec<(String, String)> {
             continue;
         };
         let Some(id) = as_string(id) else { continue };
-        let mail_id = fields
-            .chunks(2)
-            .find(|kv| kv.first().and_then(as_string).as_deref() == Some("id"))
-            .and_then(|kv| kv.get(1).and_then(as_string))
-            .unwrap_or_default();
-        out.push((id, mail_id));
+        let field = |name: &str| {
+            fields
+                .chunks(2)
+                .find(|kv| kv.first().and_then(as_string).as_deref() == Some(name))
+                .and_then(|kv| kv.get(1))
+        };
+        let mail_id = field("id").and_then(as_string).unwrap_or_default();
+        let raw = match field("raw") {
+            Some(Value::BulkString(b)) => Some(b.clone()),
+            _ => None,
+        };
+        out.push(Entry { id, mail_id, raw });
     }
     out
 }
 
-fn stream_entries(v: &Value) -> Vec<(String, String)> {
+fn stream_entries(v: &Value) -> Vec<Entry> {
     // RESP2: [[stream, [entries]]]; RESP3 may give a map.
     match v {
         Value::Array(streams) => streams
@@ -217,8 +232,7 @@ fn spawn_delivery(
     shared: &Arc<Shared>,
     cfg: &MailConfig,
     tasks: &TaskTracker,
-    entry_id: String,
-    mail_id: String,
+    entry: Entry,
     permit: OwnedSemaphorePermit,
     reclaimed: bool,
 ) {
@@ -232,7 +246,7 @@ fn spawn_delivery(
                 .reclaimed
                 .fetch_add(1, Ordering::Relaxed);
         }
-        deliver(&shared, &cfg, &entry_id, &mail_id).await;
+        deliver(&shared, &cfg, entry).await;
         drop(permit);
     });
 }
@@ -317,14 +331,15 @@ async fn heartbeat(shared: &Shared, cfg: &MailConfig, entry_id: &str) {
     }
 }
 
-async fn deliver(shared: &Shared, cfg: &MailConfig, entry_id: &str, mail_id: &str) {
+async fn deliver(shared: &Shared, cfg: &MailConfig, entry: Entry) {
     tokio::select! {
-        _ = heartbeat(shared, cfg, entry_id) => {}
-        _ = deliver_inner(shared, cfg, entry_id, mail_id) => {}
+        _ = heartbeat(shared, cfg, &entry.id) => {}
+        _ = deliver_inner(shared, cfg, &entry) => {}
     }
 }
 
-async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry_id: &str, mail_id: &str) {
+async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
+    let (entry_id, mail_id) = (entry.id.as_str(), entry.mail_id.as_str());
     let mail: &MailService = &shared.mail;
     let Ok(mut conn) = shared.backend.connection() else {
         return; // stays pending; reclaimed once Redis is back
@@ -365,6 +380,7 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry_id: &str, mail_i
             entry_id,
             cfg.max_attempts,
             cfg.status_retention_ms,
+            entry.raw.is_some(),
         )
         .await
     {
@@ -404,7 +420,13 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry_id: &str, mail_i
     };
     let result = mail
         .transport
-        .send_ready(ready, &from, &rcpts, &raw, mail_id)
+        .send_ready(
+            ready,
+            &from,
+            &rcpts,
+            entry.raw.as_deref().unwrap_or(&raw),
+            mail_id,
+        )
         .await;
     let outcome = outcome_of(cfg, attempts, result);
     match &outcome {
@@ -562,14 +584,14 @@ async fn reclaim(
             }
             let _: redis::RedisResult<Value> = ack.query_async(conn).await;
         }
-        for (entry_id, mail_id) in claimed {
-            tracing::info!(%mail_id, %entry_id, "reclaimed an entry left pending by a dead consumer");
+        for entry in claimed {
+            tracing::info!(mail_id = %entry.mail_id, entry_id = %entry.id, "reclaimed an entry left pending by a dead consumer");
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 // No slot after all: it stays claimed by us, idle, and is taken again
                 // on a later round.
                 continue;
             };
-            spawn_delivery(shared, cfg, tasks, entry_id, mail_id, permit, true);
+            spawn_delivery(shared, cfg, tasks, entry, permit, true);
         }
         if next == "0-0" {
             return;
