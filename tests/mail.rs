@@ -554,6 +554,27 @@ async fn concurrent_sends_of_every_kind_are_each_enqueued_once() {
     assert_eq!(sink.count(), ids.len(), "each mail delivered once");
 }
 
+/// The retention clock runs from a mail's last change, but never while it is queued:
+/// a mail that waits longer than `status_retention_ms` for a worker is still
+/// delivered.
+#[tokio::test]
+async fn a_queued_mail_outlives_the_retention_time_and_is_delivered() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let env = with(fast(sink.port), "SATCHEL_MAIL_STATUS_RETENTION_MS", "300");
+    let env = with(env, "SATCHEL_MAIL_IDEMPOTENCY_TTL_MS", "300");
+    // A producer only: nothing delivers until the worker starts.
+    let producer = start(&redis, &with(env.clone(), "SATCHEL_MAIL_ENABLED", "false"));
+    let c = producer.client().await;
+    let id = s(&send(&c, basic("ann@example.com")).await, "mail_id").to_owned();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(s(&status(&c, &id).await, "status"), "queued");
+    let worker = start(&redis, &env);
+    let cw = worker.client().await;
+    wait_status(&cw, &id, "sent").await;
+    assert_eq!(sink.count(), 1);
+}
+
 #[tokio::test]
 async fn transient_451_twice_then_success_is_sent_with_attempts_3() {
     let redis = RedisServer::start();

@@ -12,7 +12,8 @@
 //! - `K:s:<mail_id>`: a hash, the status record. While the mail has no stream entry
 //!   (scheduled, retrying, dead) the message is kept here as `raw`, and moves into the
 //!   entry when the mail is queued again. Expires `status_retention_ms` after the last
-//!   transition. (Entries without `raw`, written by satchel 0.1, are delivered from the
+//!   transition, except while queued or sending (no expiry: however long delivery
+//!   waits, the record is there when a worker gets to the entry). (Entries without `raw`, written by satchel 0.1, are delivered from the
 //!   hash's `raw`.)
 //! - `K:sched`: a sorted set of mail_id by due time: scheduled mail and retries.
 //! - `K:dead`: a sorted set of dead mail_id by time of death (newest first for
@@ -58,8 +59,10 @@ end
 ";
 
 /// Queues a mail again (scheduled or retry due, `mail.retry`): a new stream entry
-/// that carries the message, which leaves the status hash.
+/// that carries the message, which leaves the status hash; and no expiry while
+/// queued (a mail waiting out a long SMTP outage must not lose its record).
 const REQUEUE: &str = "local function requeue(stream, sk, id)
+  redis.call('PERSIST', sk)
   local raw = redis.call('HGET', sk, 'raw')
   if raw then
     redis.call('XADD', stream, '*', 'id', id, 'raw', raw)
@@ -97,15 +100,14 @@ for j = 5, #ARGV, 9 do
     redis.call('HSET', sk, 'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now,
       'from', ARGV[j + 3], 'rcpt', ARGV[j + 4], 'to', ARGV[j + 5], 'subject', ARGV[j + 6],
       'message_id', ARGV[j + 7])
-    local ttl = retention
     if status == 'scheduled' then
       redis.call('HSET', sk, 'next_attempt_ms', send_at, 'raw', ARGV[j + 8])
       redis.call('ZADD', KEYS[2], send_at, id)
-      ttl = ttl + send_at - now
+      redis.call('PEXPIRE', sk, retention + send_at - now)
     else
+      -- No expiry while queued: the record must outlive any wait for delivery.
       redis.call('XADD', KEYS[1], '*', 'id', id, 'raw', ARGV[j + 8])
     end
-    redis.call('PEXPIRE', sk, ttl)
     added[status] = added[status] + 1
     out[#out + 1] = id; out[#out + 1] = status; out[#out + 1] = 0
   end
@@ -235,7 +237,6 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 requeue(KEYS[2], KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'dead', -1)
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
