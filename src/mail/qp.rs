@@ -21,10 +21,11 @@ pub fn text_part(content_type: ContentType, text: &str) -> SinglePart {
     if b.is_ascii() && !line_too_long(b) {
         return builder.body(text.to_owned());
     }
-    let escaped = b
+    // Branch-free so it vectorises: bytes outside TAB and SP..='~'.
+    let escaped: usize = b
         .iter()
-        .filter(|&&c| !matches!(c, b'\t' | b' '..=b'~'))
-        .count();
+        .map(|&c| usize::from(c.wrapping_sub(b' ') > b'~' - b' ' && c != b'\t'))
+        .sum();
     if escaped <= b.len() / 3 {
         builder.body(lettre::message::Body::dangerous_pre_encoded(
             encode(b),
@@ -70,14 +71,24 @@ pub fn encode(input: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Bytes written as themselves (anywhere but at the end of a line, where whitespace
+/// must be escaped: RFC 2045 6.7, rule 3).
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = b'!';
+    while c <= b'~' {
+        t[c as usize] = true;
+        c += 1;
+    }
+    t[b'=' as usize] = false;
+    t[b' ' as usize] = true;
+    t[b'\t' as usize] = true;
+    t
+};
+
 /// Whether byte `i` of `line` is written as itself.
 fn literal(line: &[u8], i: usize) -> bool {
-    match line[i] {
-        b'=' => false,
-        // Whitespace at the end of a line must be escaped (RFC 2045 6.7, rule 3).
-        b' ' | b'\t' => i + 1 < line.len(),
-        c => c.is_ascii_graphic(),
-    }
+    PLAIN[line[i] as usize] && (i + 1 < line.len() || !matches!(line[i], b' ' | b'\t'))
 }
 
 /// One hard line (no CR LF inside except bare CRs, which are escaped). Every encoded
@@ -91,8 +102,11 @@ fn encode_line(line: &[u8], out: &mut Vec<u8>) {
         if literal(line, i) {
             // Copy the whole run of literal bytes, a line's worth at a time.
             let mut end = i + 1;
-            while end < n && literal(line, end) {
+            while end < n && PLAIN[line[end] as usize] {
                 end += 1;
+            }
+            if end == n && end - 1 > i && !literal(line, end - 1) {
+                end -= 1; // trailing whitespace: escaped below
             }
             while i < end {
                 let left = end - i;
