@@ -11,7 +11,10 @@ export async function startFakeDaemon(handler, { ops = ['hello', 'ping'] } = {})
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'satchel-fake-'));
   const socket = path.join(dir, 'fake.sock');
   const requests = [];
+  const conns = new Set();
   const server = net.createServer((conn) => {
+    conns.add(conn);
+    conn.on('close', () => conns.delete(conn));
     let buf = Buffer.alloc(0);
     conn.on('data', (chunk) => {
       buf = Buffer.concat([buf, chunk]);
@@ -39,8 +42,14 @@ export async function startFakeDaemon(handler, { ops = ['hello', 'ping'] } = {})
     socket,
     requests,
     async stop() {
-      await new Promise((r) => server.close(r));
-      fs.rmSync(dir, { recursive: true, force: true });
+      // server.close() waits for open connections: end them first, so the temp dir
+      // is always removed.
+      for (const c of conns) c.destroy();
+      try {
+        await new Promise((r) => server.close(r));
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
     },
   };
 }
