@@ -8,8 +8,9 @@
 //! - [`server`]: the accept loop, one task per connection, the op dispatch table.
 //! - [`cache`]: the cache-aside service (`cache.*` ops): values, leases, invalidation.
 //! - [`backend`]: the shared Redis connection with a fail-fast health gate.
-//! - [`mail`]: the durable mail queue (`mail.*` ops): Redis Streams consumer group,
-//!   retries, dead letters, SMTP delivery through a nodelay connection pool.
+//! - [`mail`]: the durable mail queue (`mail.*` ops): concurrent sends enqueued in
+//!   batches, a Redis Streams consumer group, retries, dead letters, SMTP delivery
+//!   through a nodelay connection pool.
 //! - [`config`]: TOML + `SATCHEL_*` environment overrides, validated.
 //! - [`systemd`]: readiness, status, watchdog, socket activation; nothing else knows
 //!   about systemd.

@@ -1,7 +1,8 @@
 //! The durable mail queue: apps hand mail to satchel with `mail.send` and move on;
 //! satchel delivers every accepted message or visibly dead-letters it.
 //!
-//! - [`message`]: request fields → a validated, rendered RFC 5322 message.
+//! - [`message`]: request fields → a validated, rendered RFC 5322 message (text parts
+//!   through `qp`, a one-pass quoted-printable encoder).
 //! - [`queue`]: the Redis keys and the Lua scripts of every status transition.
 //! - [`batch`]: group commit, so concurrent `mail.send`s share one script run.
 //! - [`worker`]: the consumer-group delivery loop, retries, reclaim, schedule.
