@@ -79,6 +79,9 @@ pub struct RedisConfig {
     pub response_timeout_ms: u64,
     /// Commands the daemon keeps in flight on its shared Redis connection.
     pub max_inflight: u64,
+    /// Microseconds a lone cache command (no other command in flight) busy-polls for
+    /// its reply before the runtime thread sleeps; 0 = never.
+    pub spin_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +159,7 @@ impl Default for RedisConfig {
             connect_timeout_ms: 1000,
             response_timeout_ms: 1000,
             max_inflight: 1024,
+            spin_us: 40,
         }
     }
 }
@@ -278,6 +282,9 @@ impl Config {
                 "redis.prefix",
                 "must be non-empty and contain no whitespace",
             ));
+        }
+        if r.spin_us > 1000 {
+            return Err(invalid("redis.spin_us", "must be between 0 and 1000"));
         }
         if r.max_inflight == 0 {
             return Err(invalid("redis.max_inflight", "must be at least 1"));
@@ -469,6 +476,10 @@ mod tests {
             e.contains("SATCHEL_SERVER_MAX_CONNECTIONS") && e.contains("integer"),
             "{e}"
         );
+        let e = load_str("[redis]\nspin_us = 5000\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis.spin_us"), "{e}");
         let e = load_str("[server]\nworker_threads = 5000\n", &[])
             .unwrap_err()
             .to_string();
