@@ -179,10 +179,11 @@ impl Backend {
         // µs instead of sleeping at once. Each yield lets the runtime poll its sockets
         // without blocking, so the reply is picked up without the thread's wake-up
         // (~20% of a sequential cache.get here, BENCHMARKS.md). Never under load: then
-        // other commands are in flight and the thread has work anyway.
-        let lone = self.inflight.available_permits() + 1 == self.max_inflight;
-        let result = if lone && !self.spin.is_zero() {
-            spin_then_wait(reply, self.spin).await
+        // other commands are in flight and the thread has work anyway; a spin stops as
+        // soon as another command joins.
+        let lone = || self.inflight.available_permits() + 1 == self.max_inflight;
+        let result = if !self.spin.is_zero() && lone() {
+            spin_then_wait(reply, self.spin, lone).await
         } else {
             reply.await
         };
@@ -257,16 +258,20 @@ impl Backend {
     }
 }
 
-/// Polls `fut`, yielding to the runtime between polls, for up to `spin`; then waits
-/// for it normally.
-async fn spin_then_wait<F: std::future::Future>(fut: F, spin: Duration) -> F::Output {
+/// Polls `fut`, yielding to the runtime between polls, for up to `spin` and while
+/// `keep` holds; then waits for it normally.
+async fn spin_then_wait<F: std::future::Future>(
+    fut: F,
+    spin: Duration,
+    keep: impl Fn() -> bool,
+) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     let started = Instant::now();
     loop {
         if let std::task::Poll::Ready(v) = futures::poll!(fut.as_mut()) {
             return v;
         }
-        if started.elapsed() >= spin {
+        if started.elapsed() >= spin || !keep() {
             return fut.await;
         }
         tokio::task::yield_now().await;
