@@ -40,7 +40,9 @@ struct State {
     runners: usize,
 }
 
-/// The settings a batch is enqueued with (read from the live config per batch).
+/// The settings batches are enqueued with: those of the send that started the
+/// runner (a runner ends as soon as nothing is pending, so a reload applies within
+/// moments).
 #[derive(Debug, Clone, Copy)]
 pub struct EnqueueSettings {
     pub idem_ttl_ms: u64,
