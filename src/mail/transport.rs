@@ -212,10 +212,7 @@ impl Transport {
     /// kept and reported by [`Transport::send_ready`].
     pub async fn ready(&self) -> Ready {
         match self {
-            Transport::Smtp(pool) => Ready::Smtp(match pool.take_idle() {
-                Some(conn) => Ok(Box::new(conn)),
-                None => pool.connect().await.map(Box::new),
-            }),
+            Transport::Smtp(pool) => Ready::Smtp(pool.checkout().await.map(Box::new)),
             Transport::File(_) => Ready::File,
         }
     }
@@ -474,24 +471,27 @@ impl SmtpPool {
         })?
     }
 
-    /// Sends one message. A pooled connection that turns out to be dead before the
-    /// server saw anything of this message is replaced once, without costing an
-    /// attempt.
+    /// Sends one message on an idle or new connection.
     pub async fn send(
         &self,
         from: &str,
         rcpts: &[String],
         raw: &[u8],
     ) -> Result<Delivered, SendError> {
-        let conn = match self.take_idle() {
-            Some(conn) => conn,
-            None => self.connect().await?,
-        };
-        self.send_on(conn, from, rcpts, raw).await
+        self.send_on(self.checkout().await?, from, rcpts, raw).await
     }
 
-    /// Sends on `conn`. One found stale (closed by the server while it sat idle in
-    /// the pool or behind the rate limiter) is replaced once by a new connection.
+    /// An idle connection, or a new one.
+    async fn checkout(&self) -> Result<AsyncSmtpConnection, SendError> {
+        match self.take_idle() {
+            Some(conn) => Ok(conn),
+            None => self.connect().await,
+        }
+    }
+
+    /// Sends one message on `conn`. A connection found dead before the server saw
+    /// anything of this message (closed while it sat idle in the pool or behind the
+    /// rate limiter) is replaced once, without costing an attempt.
     async fn send_on(
         &self,
         conn: AsyncSmtpConnection,
