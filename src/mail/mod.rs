@@ -330,12 +330,11 @@ struct RetryResult {
 
 async fn retry(shared: &Shared, req: &Request) -> OpResult {
     let id = mail_id(req)?;
-    let retention = shared.config.load().mail.status_retention_ms;
     let mut conn = shared.backend.connection()?;
     match shared
         .mail
         .queue
-        .retry(&mut conn, id, retention)
+        .retry(&mut conn, id)
         .await
         .map_err(|e| shared.backend.classify(e))?
     {

@@ -225,8 +225,8 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// KEYS: status, stream, dead, counts.  ARGV: mail_id, retention_ms.
-/// → -1 unknown, 1 requeued, or the current status (not dead).
+/// KEYS: status, stream, dead, counts.  ARGV: mail_id. (Queued again, the record has
+/// no expiry.) → -1 unknown, 1 requeued, or the current status (not dead).
 const RETRY: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return -1 end
@@ -595,7 +595,6 @@ impl Queue {
         &self,
         conn: &mut C,
         mail_id: &str,
-        retention_ms: u64,
     ) -> RedisResult<Result<(), Option<String>>> {
         let v: Value = self
             .retry
@@ -604,7 +603,6 @@ impl Queue {
             .key(&self.dead)
             .key(&self.counts)
             .arg(mail_id)
-            .arg(retention_ms)
             .invoke_async(conn)
             .await?;
         Ok(match &v {
