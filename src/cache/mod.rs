@@ -155,6 +155,8 @@ pub struct CacheService {
     pub stats: CacheStats,
     seq_key: String,
     channel: String,
+    /// The shared namespace's keys (every request uses them unless isolate_by_uid).
+    shared: KeySpace,
     /// Where watch tasks are spawned; set by [`CacheService::start`].
     runtime: OnceLock<(TaskTracker, CancellationToken)>,
 }
@@ -182,6 +184,7 @@ impl CacheService {
             stats: CacheStats::default(),
             seq_key: keys::seq_key(&prefix),
             channel: keys::events_channel(&prefix),
+            shared: KeySpace::new(&prefix, "s"),
             runtime: OnceLock::new(),
         })
     }
@@ -228,7 +231,7 @@ impl CacheService {
             let uid = peer.uid.ok_or(CacheError::NoPeerUid)?;
             Ok(KeySpace::new(self.backend.prefix(), &format!("u{uid}")))
         } else {
-            Ok(KeySpace::new(self.backend.prefix(), "s"))
+            Ok(self.shared.clone())
         }
     }
 
