@@ -13,7 +13,7 @@ export type Value =
 
 export const PROTOCOL_VERSION: 1;
 
-/** Wire codes from protocol.md plus the client's own (DISCONNECTED, UNREACHABLE, CLOSED, CLIENT_TIMEOUT). */
+/** Wire codes from protocol.md plus the client's own (DISCONNECTED, UNREACHABLE, CLOSED, CLIENT_TIMEOUT, CLIENT_OVERLOADED). */
 export type ErrorCode =
   | 'BAD_REQUEST'
   | 'UNKNOWN_OP'
@@ -29,6 +29,7 @@ export type ErrorCode =
   | 'UNREACHABLE'
   | 'CLOSED'
   | 'CLIENT_TIMEOUT'
+  | 'CLIENT_OVERLOADED'
   | (string & {});
 
 export const CLIENT_CODES: Readonly<{
@@ -36,6 +37,7 @@ export const CLIENT_CODES: Readonly<{
   UNREACHABLE: 'UNREACHABLE';
   CLOSED: 'CLOSED';
   CLIENT_TIMEOUT: 'CLIENT_TIMEOUT';
+  CLIENT_OVERLOADED: 'CLIENT_OVERLOADED';
 }>;
 
 export class SatchelError extends Error {
@@ -63,6 +65,19 @@ export interface ClientOptions {
   requestTimeoutMs?: number;
   /** Decode int64/uint64 as bigint and encode bigint as int64 (default true). */
   useBigInt64?: boolean;
+  /**
+   * How many requests may wait in the client for room on the connection (beyond the
+   * daemon's max_inflight, or while node's socket buffer is full); more reject at once
+   * with CLIENT_OVERLOADED. Default Infinity.
+   */
+  maxQueued?: number;
+}
+
+export interface RequestCounts {
+  /** Written to the daemon and not yet answered (at most the daemon's max_inflight). */
+  sent: number;
+  /** Waiting in the client for room on the connection. */
+  queued: number;
 }
 
 export interface ServerInfo {
@@ -163,6 +178,8 @@ export class SatchelClient {
   readonly mail: MailApi;
   /** The last hello result, or null before the first connection. */
   readonly serverInfo: ServerInfo | null;
+  /** Requests on the current connection, for metrics. */
+  readonly requestCounts: RequestCounts;
   connect(): Promise<ServerInfo>;
   /** Whether the daemon's hello lists `op` (connects first). */
   supports(op: string): Promise<boolean>;

@@ -21,6 +21,8 @@ export const CLIENT_CODES = Object.freeze({
   CLOSED: 'CLOSED',
   /** No answer within `requestTimeoutMs` (only when that option is set). */
   CLIENT_TIMEOUT: 'CLIENT_TIMEOUT',
+  /** `maxQueued` requests already wait for room on the connection; this one was not sent. */
+  CLIENT_OVERLOADED: 'CLIENT_OVERLOADED',
 });
 
 // Codes after which calling the loader without the cache is the right move in getOrSet:
@@ -138,6 +140,26 @@ class Connection {
     this.fatal = null; // an id-less error frame the daemon sent before closing
     this.closed = false;
     this.hello = null;
+    // Flow control. At most `maxOnWire` requests (the daemon's max_inflight, from hello)
+    // are written and unanswered; the rest wait in `backlog` (read from `head` on) and
+    // go out as answers come back, and while node's socket buffer is full. So the
+    // daemon never has to stop reading, node's write buffer stays small, and a request
+    // that times out while it waits is never sent at all.
+    this.wire = new Set(); // ids written and not yet answered (timed-out ones included)
+    this.maxOnWire = Infinity;
+    this.backlog = []; // [{id, frame}]
+    this.head = 0;
+    this.blocked = false; // socket.write() returned false: wait for 'drain'
+  }
+
+  /** Requests waiting for room on the wire. */
+  get queued() {
+    return this.backlog.length - this.head;
+  }
+
+  /** True when a new request would have to wait instead of being written now. */
+  get mustQueue() {
+    return this.blocked || this.queued > 0 || this.wire.size >= this.maxOnWire;
   }
 
   onData(chunk) {
@@ -184,15 +206,24 @@ class Connection {
       if (msg.ok === false) this.fatal = errorFromWire(msg.error, undefined);
       return;
     }
+    const answered = this.wire.delete(Number(id));
     const p = this.pending.get(Number(id));
-    if (!p) return;
-    this.pending.delete(Number(id));
-    if (p.timer) clearTimeout(p.timer);
-    if (msg.ok === true) p.resolve(msg.result);
-    else p.reject(errorFromWire(msg.error, p.op));
+    if (p) {
+      this.pending.delete(Number(id));
+      if (p.timer) clearTimeout(p.timer);
+      if (msg.ok === true) p.resolve(msg.result);
+      else p.reject(errorFromWire(msg.error, p.op));
+    }
+    if (answered) this.pump();
   }
 
-  write(frame) {
+  /** Writes the request now if there is room on the wire, else queues it. */
+  write(id, frame) {
+    if (this.mustQueue) this.backlog.push({ id, frame });
+    else this.send(id, frame);
+  }
+
+  send(id, frame) {
     if (!this.corked) {
       // Requests made in the same tick go out in one write(2).
       this.corked = true;
@@ -202,16 +233,42 @@ class Connection {
         this.socket.uncork();
       });
     }
-    this.socket.write(frame);
+    this.wire.add(id);
+    if (!this.socket.write(frame) && !this.blocked) {
+      this.blocked = true;
+      this.socket.once('drain', () => {
+        this.blocked = false;
+        this.pump();
+      });
+    }
+  }
+
+  /** Moves queued requests onto the wire while there is room. */
+  pump() {
+    while (this.queued > 0 && !this.blocked && !this.closed && this.wire.size < this.maxOnWire) {
+      const { id, frame } = this.backlog[this.head];
+      this.backlog[this.head++] = undefined;
+      // A request that timed out while it waited is dropped: it never reaches the daemon.
+      if (this.pending.has(id)) this.send(id, frame);
+    }
+    if (this.head > 1024 && this.head * 2 > this.backlog.length) {
+      this.backlog = this.backlog.slice(this.head);
+      this.head = 0;
+    }
   }
 
   failAll(err) {
     this.closed = true;
-    for (const p of this.pending.values()) {
+    const unsent = new Set();
+    for (let i = this.head; i < this.backlog.length; i++) unsent.add(this.backlog[i].id);
+    for (const [id, p] of this.pending) {
       if (p.timer) clearTimeout(p.timer);
-      p.reject(err);
+      p.reject(unsent.has(id) ? new SatchelError(err.code, `${err.message} (this request was still queued in the client and never sent)`, { op: p.op }) : err);
     }
     this.pending.clear();
+    this.backlog = [];
+    this.head = 0;
+    this.wire.clear();
   }
 }
 
@@ -223,12 +280,15 @@ export class SatchelClient {
    * @param {number} [opts.connectTimeoutMs=2000]
    * @param {number} [opts.requestTimeoutMs=0] 0: no client-side timeout
    * @param {boolean} [opts.useBigInt64=true] int64/uint64 values decode as BigInt
+   * @param {number} [opts.maxQueued=Infinity] requests that may wait for room on the
+   *   connection (beyond the daemon's max_inflight); more reject with CLIENT_OVERLOADED
    */
   constructor(opts = {}) {
     this.socketPath = opts.socket ?? defaultSocketPath();
     this.clientName = opts.clientName ?? `node/${process.pid}`;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? 2000;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 0;
+    this.maxQueued = opts.maxQueued ?? Infinity;
     const big = opts.useBigInt64 ?? true;
     this.encoder = new Encoder({ useBigInt64: big, ignoreUndefined: true });
     this.decoder = new Decoder({ useBigInt64: big });
@@ -239,6 +299,15 @@ export class SatchelClient {
     this.maxFrame = 8 * 1024 * 1024;
     this.cache = new CacheApi(this);
     this.mail = new MailApi(this);
+  }
+
+  /**
+   * Requests on the current connection: `sent` (written, not yet answered) and `queued`
+   * (waiting for room: the daemon's max_inflight, or node's socket buffer). For metrics.
+   */
+  get requestCounts() {
+    const c = this.conn;
+    return c && !c.closed ? { sent: c.wire.size, queued: c.queued } : { sent: 0, queued: 0 };
   }
 
   /** The last `hello` result (`{protocol, server, maxFrame, maxInflight, ops}`), or null. */
@@ -346,6 +415,7 @@ export class SatchelClient {
             }
             conn.hello = hello;
             if (hello.max_frame) this.maxFrame = Number(hello.max_frame);
+            if (hello.max_inflight) conn.maxOnWire = Number(hello.max_inflight);
             settled = true;
             this.conn = conn;
             resolve(conn);
@@ -382,6 +452,10 @@ export class SatchelClient {
         reject(new SatchelError('TOO_LARGE', `request is ${body.length} bytes, the daemon's max_frame is ${this.maxFrame}`, { op }));
         return;
       }
+      if (conn.mustQueue && conn.queued >= this.maxQueued) {
+        reject(new SatchelError('CLIENT_OVERLOADED', `${op}: ${conn.queued} requests already wait for room on the connection (maxQueued ${this.maxQueued}); not sent`, { op }));
+        return;
+      }
       const frame = Buffer.allocUnsafe(4 + body.length);
       frame.writeUInt32BE(body.length, 0);
       frame.set(body, 4);
@@ -393,7 +467,7 @@ export class SatchelClient {
         }, this.requestTimeoutMs);
       }
       conn.pending.set(id, p);
-      conn.write(frame);
+      conn.write(id, frame);
     });
   }
 
