@@ -391,6 +391,13 @@ impl CacheService {
         if wait_ms > 0 && self.watches.contains(&vkey) {
             return Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await);
         }
+        // A hit, the common case, is one plain GET: the lease script would do the same
+        // GET first, but a script call costs Redis and the daemon several times more.
+        // Only a miss runs the script, which looks again atomically before leasing.
+        let blob: Option<Vec<u8>> = self.backend.query(redis::cmd("GET").arg(&vkey)).await?;
+        if let Some(blob) = blob {
+            return Ok(self.hit_or_miss(&blob));
+        }
         match self.fetch_once(&vkey, &ks.lease(key), lease_ms).await? {
             Fetched::Hit(blob) => Ok(self.hit_or_miss(&blob)),
             Fetched::Granted(token) => Ok(lease_granted(token)),
