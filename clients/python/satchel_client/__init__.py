@@ -6,6 +6,7 @@ next call after the connection drops.
 """
 
 from ._common import (
+    CLIENT_OVERLOADED,
     CLIENT_TIMEOUT,
     CLOSED,
     DISCONNECTED,
@@ -27,6 +28,7 @@ __all__ = [
     "UNREACHABLE",
     "CLOSED",
     "CLIENT_TIMEOUT",
+    "CLIENT_OVERLOADED",
     "default_socket_path",
     "mail_fields",
 ]

@@ -16,6 +16,7 @@ DISCONNECTED = "DISCONNECTED"  # connection dropped with the request in flight; 
 UNREACHABLE = "UNREACHABLE"  # the socket could not be connected to
 CLOSED = "CLOSED"  # the client was closed
 CLIENT_TIMEOUT = "CLIENT_TIMEOUT"  # no answer within request_timeout
+CLIENT_OVERLOADED = "CLIENT_OVERLOADED"  # max_queued requests already wait for the wire; not sent
 
 # Codes after which get_or_set calls the loader uncached: the cache is out, the request is fine.
 CACHE_OUTAGE = frozenset(
@@ -29,7 +30,8 @@ class SatchelError(Exception):
     """An error answer from the daemon, or a client-side failure.
 
     ``code`` is the wire code (``BAD_REQUEST``, ``UNAVAILABLE``, …) or one of the client
-    codes (``DISCONNECTED``, ``UNREACHABLE``, ``CLOSED``, ``CLIENT_TIMEOUT``).
+    codes (``DISCONNECTED``, ``UNREACHABLE``, ``CLOSED``, ``CLIENT_TIMEOUT``,
+    ``CLIENT_OVERLOADED``).
     """
 
     def __init__(

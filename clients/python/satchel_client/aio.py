@@ -4,6 +4,7 @@ requests by id, so concurrent coroutines are pipelined."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import os
@@ -11,6 +12,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Uni
 
 from ._common import (
     CACHE_OUTAGE,
+    CLIENT_OVERLOADED,
     CLIENT_TIMEOUT,
     CLOSED,
     DEFAULT_MAX_FRAME,
@@ -39,6 +41,34 @@ class _AioConnection:
         self.hello: Optional[Dict[str, Any]] = None
         self.max_frame = DEFAULT_MAX_FRAME
         self.task: Optional[asyncio.Task] = None
+        # Flow control, as in the Node client: at most `max_on_wire` requests (the
+        # daemon's max_inflight, from hello) are written and unanswered; the rest wait
+        # in `backlog` and go out as answers come back. A request whose caller gave up
+        # (timeout, cancellation) while it waited is never sent.
+        self.wire: set = set()  # ids written and not yet answered
+        self.max_on_wire: float = float("inf")
+        self.backlog: collections.deque = collections.deque()  # (id, frame)
+
+    @property
+    def must_queue(self) -> bool:
+        return bool(self.backlog) or len(self.wire) >= self.max_on_wire
+
+    def write(self, rid: int, frame: bytes) -> None:
+        if self.must_queue:
+            self.backlog.append((rid, frame))
+        else:
+            self.wire.add(rid)
+            self.writer.write(frame)
+
+    def pump(self) -> None:
+        while self.backlog and not self.closed and len(self.wire) < self.max_on_wire:
+            rid, frame = self.backlog.popleft()
+            entry = self.pending.get(rid)
+            if entry is None or entry[0].done():
+                self.pending.pop(rid, None)
+                continue
+            self.wire.add(rid)
+            self.writer.write(frame)
 
     async def read_loop(self) -> None:
         frames = FrameReader()
@@ -66,22 +96,37 @@ class _AioConnection:
             if msg.get("ok") is False:
                 self.fatal = error_from_wire(msg.get("error"), None)
             return
+        answered = rid in self.wire
+        self.wire.discard(rid)
         entry = self.pending.pop(rid, None)
-        if entry is None:
-            return
-        fut, op = entry
-        if fut.done():
-            return
-        if msg.get("ok") is True:
-            fut.set_result(msg.get("result"))
-        else:
-            fut.set_exception(error_from_wire(msg.get("error"), op))
+        if entry is not None and not entry[0].done():
+            fut, op = entry
+            if msg.get("ok") is True:
+                fut.set_result(msg.get("result"))
+            else:
+                fut.set_exception(error_from_wire(msg.get("error"), op))
+        if answered:
+            self.pump()
 
     def fail_all(self) -> None:
         self.closed = True
         pending, self.pending = self.pending, {}
-        for fut, op in pending.values():
-            if not fut.done():
+        unsent = {rid for rid, _ in self.backlog}
+        self.backlog.clear()
+        self.wire.clear()
+        for rid, (fut, op) in pending.items():
+            if fut.done():
+                continue
+            if rid in unsent:
+                base = self.fatal.message if self.fatal else "connection to the satchel daemon closed"
+                fut.set_exception(
+                    SatchelError(
+                        self.fatal.code if self.fatal else DISCONNECTED,
+                        f"{base} (this request was still queued in the client and never sent)",
+                        op=op,
+                    )
+                )
+            else:
                 fut.set_exception(
                     self.fatal
                     or SatchelError(
@@ -103,8 +148,10 @@ class AsyncClient:
         client_name: Optional[str] = None,
         connect_timeout: float = 2.0,
         request_timeout: Optional[float] = None,
+        max_queued: Optional[int] = None,
     ):
         self.socket_path = socket or default_socket_path()
+        self.max_queued = max_queued
         self.client_name = client_name or f"python-asyncio/{os.getpid()}"
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
@@ -153,6 +200,8 @@ class AsyncClient:
             raise SatchelError("INTERNAL", f"daemon speaks protocol {hello.get('protocol')}")
         conn.hello = hello
         conn.max_frame = int(hello.get("max_frame") or DEFAULT_MAX_FRAME)
+        if hello.get("max_inflight"):
+            conn.max_on_wire = int(hello["max_inflight"])
         self._conn = conn
         return conn
 
@@ -164,10 +213,25 @@ class AsyncClient:
         req = {"id": rid, "op": op}
         req.update(args)
         frame = encode_frame(req, conn.max_frame)
+        if conn.must_queue and self.max_queued is not None and len(conn.backlog) >= self.max_queued:
+            raise SatchelError(
+                CLIENT_OVERLOADED,
+                f"{op}: {len(conn.backlog)} requests already wait for room on the connection "
+                f"(max_queued {self.max_queued}); not sent",
+                op=op,
+            )
         fut = asyncio.get_running_loop().create_future()
         conn.pending[rid] = (fut, op)
-        conn.writer.write(frame)
+        conn.write(rid, frame)
         return fut
+
+    @property
+    def request_counts(self) -> Dict[str, int]:
+        """``{"sent": written and unanswered, "queued": waiting for room}``, for metrics."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return {"sent": 0, "queued": 0}
+        return {"sent": len(conn.wire), "queued": len(conn.backlog)}
 
     async def _call(self, op: str, args: Dict[str, Any]) -> Any:
         conn = await self._ensure()
