@@ -54,7 +54,7 @@ class _AioConnection:
         return bool(self.backlog) or len(self.wire) >= self.max_on_wire
 
     def write(self, rid: int, frame: bytes) -> None:
-        if self.must_queue:
+        if self.backlog or len(self.wire) >= self.max_on_wire:
             self.backlog.append((rid, frame))
         else:
             self.wire.add(rid)
@@ -96,8 +96,10 @@ class _AioConnection:
             if msg.get("ok") is False:
                 self.fatal = error_from_wire(msg.get("error"), None)
             return
-        answered = rid in self.wire
-        self.wire.discard(rid)
+        wire = self.wire
+        answered = rid in wire
+        if answered:
+            wire.remove(rid)
         entry = self.pending.pop(rid, None)
         if entry is not None and not entry[0].done():
             fut, op = entry
@@ -105,7 +107,7 @@ class _AioConnection:
                 fut.set_result(msg.get("result"))
             else:
                 fut.set_exception(error_from_wire(msg.get("error"), op))
-        if answered:
+        if answered and self.backlog:
             self.pump()
 
     def fail_all(self) -> None:
