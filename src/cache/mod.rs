@@ -392,8 +392,9 @@ impl CacheService {
             return Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await);
         }
         // A hit, the common case, is one plain GET: the lease script would do the same
-        // GET first, but a script call costs Redis and the daemon several times more.
-        // Only a miss runs the script, which looks again atomically before leasing.
+        // GET first, but a script call costs Redis and the daemon more (Node getOrSet
+        // hits, 64 in flight: 1.5-1.8x the throughput this way, BENCHMARKS.md). Only a
+        // miss runs the script, which looks again atomically before leasing.
         let blob: Option<Vec<u8>> = self.backend.query(redis::cmd("GET").arg(&vkey)).await?;
         if let Some(blob) = blob {
             return Ok(self.hit_or_miss(&blob));
