@@ -23,12 +23,22 @@ pub struct Target {
     pub json: bool,
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Print the Prometheus text format instead (e.g. for node_exporter's textfile
+    /// collector).
+    #[arg(long, conflicts_with = "json")]
+    pub prometheus: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Check that the daemon answers.
     Ping(Target),
     /// Print the daemon's counters.
-    Stats(Target),
+    Stats(StatsArgs),
     /// Read and write cache entries.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -397,8 +407,14 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
                 .await;
                 (t, r.map(Outcome::Value))
             }
-            ClientCommand::Stats(t) => {
+            ClientCommand::Stats(args) => {
+                let t = args.target;
                 let r = with_client(&t, |c| async move { c.stats().await }).await;
+                let r = if args.prometheus {
+                    r.map(|stats| Value::from(prometheus_text(&stats)))
+                } else {
+                    r
+                };
                 (t, r.map(Outcome::Value))
             }
             ClientCommand::Cache(cmd) => run_cache(cmd).await,
@@ -441,6 +457,80 @@ fn exit_code(e: &ClientError) -> u8 {
             _ => 1,
         },
         ClientError::Protocol(_) => 1,
+    }
+}
+
+/// `stats` leaves that are levels, not running totals. Every other number is a counter
+/// and gets the `_total` suffix, as Prometheus names counters.
+const GAUGES: &[&str] = &[
+    "uptime_ms",
+    "connections",
+    "inflight",
+    "redis_connected",
+    "mail_queued",
+    "mail_scheduled",
+    "mail_sending",
+    "mail_retrying",
+    "mail_queue_depth",
+    "mail_local_sending",
+    "mail_delivery_rate",
+    "mail_workers",
+];
+
+/// The `stats` map in the Prometheus text format: nested keys joined by `_` under the
+/// `satchel_` prefix, booleans as 0/1. Strings (the Redis URL) and nil (mail counts
+/// while Redis is down) are left out, so a scrape never reports a made-up zero.
+pub fn prometheus_text(stats: &Value) -> String {
+    let mut leaves = Vec::new();
+    flatten(stats, String::new(), &mut leaves);
+    let mut out = String::new();
+    for (path, value) in leaves {
+        let (name, kind) = if GAUGES.contains(&path.as_str()) {
+            (format!("satchel_{path}"), "gauge")
+        } else if path.ends_with("_total") {
+            (format!("satchel_{path}"), "counter")
+        } else {
+            (format!("satchel_{path}_total"), "counter")
+        };
+        out.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    // `print_value` adds the final newline.
+    out.pop();
+    out
+}
+
+fn flatten(v: &Value, path: String, out: &mut Vec<(String, String)>) {
+    let number = match v {
+        Value::Map(entries) => {
+            for (k, val) in entries {
+                let Some(key) = k.as_str() else { continue };
+                let key: String = key
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                let child = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}_{key}")
+                };
+                flatten(val, child, out);
+            }
+            return;
+        }
+        Value::Boolean(b) => (*b as u8).to_string(),
+        Value::Integer(i) => i.to_string(),
+        Value::F32(f) => f.to_string(),
+        Value::F64(f) => f.to_string(),
+        _ => return,
+    };
+    if !path.is_empty() {
+        out.push((path, number));
     }
 }
 
@@ -522,4 +612,42 @@ fn json_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_flattens_types_and_skips_what_is_not_a_number() {
+        let stats = Value::Map(vec![
+            (Value::from("requests"), Value::from(42)),
+            (Value::from("connections_total"), Value::from(3)),
+            (Value::from("inflight"), Value::from(1)),
+            (
+                Value::from("redis"),
+                Value::Map(vec![
+                    (Value::from("connected"), Value::from(true)),
+                    (Value::from("url"), Value::from("redis://x")),
+                ]),
+            ),
+            (
+                Value::from("mail"),
+                Value::Map(vec![
+                    (Value::from("queued"), Value::Nil),
+                    (Value::from("delivery_rate"), Value::F64(2.5)),
+                    (Value::from("local_sent"), Value::from(7)),
+                ]),
+            ),
+        ]);
+        assert_eq!(
+            prometheus_text(&stats),
+            "# TYPE satchel_requests_total counter\nsatchel_requests_total 42\n\
+             # TYPE satchel_connections_total counter\nsatchel_connections_total 3\n\
+             # TYPE satchel_inflight gauge\nsatchel_inflight 1\n\
+             # TYPE satchel_redis_connected gauge\nsatchel_redis_connected 1\n\
+             # TYPE satchel_mail_delivery_rate gauge\nsatchel_mail_delivery_rate 2.5\n\
+             # TYPE satchel_mail_local_sent_total counter\nsatchel_mail_local_sent_total 7"
+        );
+    }
 }

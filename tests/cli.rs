@@ -198,6 +198,41 @@ fn exit_codes_say_what_happened() {
     let (code, out, _) = cli.run(&["stats", "--json"]);
     assert_eq!(code, 0);
     assert!(json(&out)["cache"]["sets"].as_u64() == Some(1));
+    // stats for Prometheus: every sample line is `name value`, typed just above it.
+    let (code, out, _) = cli.run(&["stats", "--prometheus"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.len() >= 2 && lines.len().is_multiple_of(2), "{out}");
+    for pair in lines.chunks(2) {
+        let (name, value) = pair[1].split_once(' ').expect("name value");
+        assert!(
+            name.starts_with("satchel_")
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "{name}"
+        );
+        assert!(value.parse::<f64>().is_ok(), "{value}");
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        assert_eq!(pair[0], format!("# TYPE {name} {kind}"));
+    }
+    assert!(lines.contains(&"satchel_cache_sets_total 1"), "{out}");
+    assert!(lines.contains(&"satchel_redis_connected 1"), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("satchel_requests_total "))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("satchel_mail_queue_depth "))
+    );
+    assert_eq!(cli.run(&["stats", "--prometheus", "--json"]).0, 2);
     // unreachable
     let gone = Cli {
         socket: std::path::Path::new("/nonexistent/satchel.sock"),
