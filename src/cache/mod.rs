@@ -237,10 +237,7 @@ impl CacheService {
 
     async fn get(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
-        let blob: Option<Vec<u8>> = self
-            .backend
-            .query(redis::cmd("GET").arg(ks.value(key)))
-            .await?;
+        let blob = self.value_blob(&ks.value(key)).await?;
         let mut w = Writer::with_capacity(blob.as_ref().map_or(8, |b| b.len() + 24));
         match blob.as_deref().and_then(decode_blob) {
             Some((value, ttl)) => {
@@ -395,8 +392,7 @@ impl CacheService {
         // GET first, but a script call costs Redis and the daemon more (Node getOrSet
         // hits, 64 in flight: 1.5-1.8x the throughput this way, BENCHMARKS.md). Only a
         // miss runs the script, which looks again atomically before leasing.
-        let blob: Option<Vec<u8>> = self.backend.query(redis::cmd("GET").arg(&vkey)).await?;
-        if let Some(blob) = blob {
+        if let Some(blob) = self.value_blob(&vkey).await? {
             return Ok(self.hit_or_miss(&blob));
         }
         match self.fetch_once(&vkey, &ks.lease(key), lease_ms).await? {
@@ -405,6 +401,11 @@ impl CacheService {
             Fetched::Wait(_) if wait_ms == 0 => Ok(miss()),
             Fetched::Wait(_) => Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await),
         }
+    }
+
+    /// The stored blob of one value key (header + value), if any.
+    async fn value_blob(&self, vkey: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.backend.query(redis::cmd("GET").arg(vkey)).await?)
     }
 
     /// `{hit: true, value}`, counting the hit (a foreign blob counts as a miss).
