@@ -17,6 +17,16 @@ after(async () => {
   await stack?.stop();
 });
 
+/** Runs `fn` with a connected client made with `opts`, and closes it after. */
+async function withClient(opts, fn) {
+  const client = new SatchelClient({ socket: stack.socket, ...opts });
+  try {
+    await fn(client, await client.connect());
+  } finally {
+    client.close();
+  }
+}
+
 /** Fills the wire with MAX_INFLIGHT pings that each take `ms`. */
 function holdWire(client, ms) {
   return Array.from({ length: MAX_INFLIGHT }, () => client.ping(ms));
@@ -24,9 +34,8 @@ function holdWire(client, ms) {
 
 describe('flow control', () => {
   test('never more requests on the wire than the daemon allows; the rest wait and all complete', async () => {
-    const client = new SatchelClient({ socket: stack.socket });
-    try {
-      assert.equal((await client.connect()).maxInflight, MAX_INFLIGHT);
+    await withClient({}, async (client, hello) => {
+      assert.equal(hello.maxInflight, MAX_INFLIGHT);
       const slow = holdWire(client, 200);
       const sets = Array.from({ length: 40 }, (_, i) => client.cache.set(`flow:${i}`, i));
       assert.deepEqual(client.requestCounts, { sent: MAX_INFLIGHT, queued: 40 });
@@ -40,15 +49,11 @@ describe('flow control', () => {
       assert.deepEqual(client.requestCounts, { sent: 0, queued: 0 });
       const got = await client.cache.mget(Array.from({ length: 40 }, (_, i) => `flow:${i}`));
       assert.deepEqual(got.map((g) => g.value), Array.from({ length: 40 }, (_, i) => i));
-    } finally {
-      client.close();
-    }
+    });
   });
 
   test('beyond maxQueued a call rejects at once with CLIENT_OVERLOADED; the others are unharmed', async () => {
-    const client = new SatchelClient({ socket: stack.socket, maxQueued: 5 });
-    try {
-      await client.connect();
+    await withClient({ maxQueued: 5 }, async (client) => {
       const slow = holdWire(client, 200);
       const sets = Array.from({ length: 8 }, (_, i) => client.cache.set(`shed:${i}`, i).then(
         () => 'stored',
@@ -64,15 +69,11 @@ describe('flow control', () => {
       }
       const got = await client.cache.mget(Array.from({ length: 8 }, (_, i) => `shed:${i}`));
       assert.deepEqual(got.map((g) => g.hit), [true, true, true, true, true, false, false, false]);
-    } finally {
-      client.close();
-    }
+    });
   });
 
   test('a request that times out while queued is never sent', async () => {
-    const client = new SatchelClient({ socket: stack.socket, requestTimeoutMs: 100 });
-    try {
-      await client.connect();
+    await withClient({ requestTimeoutMs: 100 }, async (client) => {
       // The pings time out client-side too, but the daemon holds them for 300 ms, so
       // the wire stays full and the set waits behind them until its own deadline.
       const slow = holdWire(client, 300).map((p) => p.catch((err) => err.code));
@@ -88,15 +89,11 @@ describe('flow control', () => {
       } finally {
         probe.close();
       }
-    } finally {
-      client.close();
-    }
+    });
   });
 
   test('a dropped connection rejects queued requests as never sent', async () => {
-    const client = new SatchelClient({ socket: stack.socket });
-    try {
-      await client.connect();
+    await withClient({}, async (client) => {
       const slow = holdWire(client, 5000).map((p) => p.catch((err) => err));
       const queued = client.cache.set('dropped', 1).catch((err) => err);
       client.conn.socket.destroy();
@@ -107,8 +104,6 @@ describe('flow control', () => {
         assert.equal(e.code, 'DISCONNECTED');
         assert.doesNotMatch(e.message, /never sent/);
       }
-    } finally {
-      client.close();
-    }
+    });
   });
 });
