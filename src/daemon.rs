@@ -175,16 +175,16 @@ fn reload(path: Option<&Path>, shared: &Arc<Shared>, set_log_level: &SetLogLevel
 async fn status_updates(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut last = String::new();
     loop {
-        let s = shared.stats.snapshot();
-        let mail = &shared.mail.counters;
-        let line = format!(
-            "{} connections, {} requests, redis {}, mail queue {}, sending {}",
-            s.connections,
-            s.requests,
+        let mut line = format!(
+            "{} connections, {} requests, redis {}",
+            shared.stats.connections.get(),
+            shared.stats.requests.get(),
             if shared.backend.is_up() { "up" } else { "DOWN" },
-            mail.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
-            mail.sending.load(std::sync::atomic::Ordering::Relaxed),
         );
+        for part in shared.services().iter().filter_map(|s| s.status_line()) {
+            line.push_str(", ");
+            line.push_str(&part);
+        }
         if line != last {
             systemd::status(&line);
             last = line;

@@ -27,9 +27,12 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod host;
 pub mod mail;
+pub mod peer;
 pub mod protocol;
 pub mod server;
+pub mod service;
 pub mod stats;
 pub mod systemd;
 

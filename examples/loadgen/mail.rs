@@ -501,12 +501,15 @@ async fn paced_sends(socket: &Path, rate: u64, total: usize) -> Samples {
 async fn nagle_check(port: u16, raw: &[u8]) -> (f64, f64) {
     use lettre::AsyncTransport;
     let n = 200;
-    let cfg = satchel::mail::MailConfig {
-        smtp_url: format!("smtp://127.0.0.1:{port}?tls=none"),
+    let cfg = satchel::config::MailConfig {
+        smtp_url: Some(
+            satchel::config::SmtpUrl::parse(&format!("smtp://127.0.0.1:{port}?tls=none"))
+                .expect("url"),
+        ),
         concurrency: 1,
         ..Default::default()
     };
-    let pool = satchel::mail::transport::SmtpPool::new(&cfg).expect("pool");
+    let pool = satchel::mail::smtp::SmtpPool::new(&cfg).expect("pool");
     let rcpts = vec!["ann@example.com".to_owned()];
     pool.send("bench@example.org", &rcpts, raw)
         .await

@@ -15,7 +15,8 @@
 //! finds both for prefix invalidation.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::host::now_ms;
 
 /// Format version byte of a stored value.
 const BLOB_V1: u8 = 1;
@@ -89,13 +90,6 @@ pub fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// What Redis stores for one entry: the header lets `get` report `ttl_ms` (and `mget`

@@ -9,7 +9,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -151,25 +150,19 @@ impl Watches {
         shutdown: CancellationToken,
     ) {
         loop {
-            let subscribed = async {
-                let mut pubsub = backend.client().get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let pubsub = tokio::select! {
+            let subscribed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(Duration::from_secs(2), subscribed) => r,
+                r = backend.subscribe(&channel) => r,
             };
-            if let Ok(Ok(pubsub)) = pubsub {
+            if let Ok(mut messages) = subscribed {
                 self.events_live.store(true, Ordering::Relaxed);
                 tracing::debug!(%channel, "subscribed to cache events");
-                let mut messages = pubsub.into_on_message();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         msg = messages.next() => match msg {
-                            Some(msg) => {
-                                if let Ok(vkey) = std::str::from_utf8(msg.get_payload_bytes()) {
+                            Some(payload) => {
+                                if let Ok(vkey) = std::str::from_utf8(&payload) {
                                     self.notify(vkey);
                                 }
                             }

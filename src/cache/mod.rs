@@ -12,28 +12,28 @@ mod keys;
 mod leases;
 mod scripts;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendError};
 use crate::config::CacheConfig;
+pub use crate::config::{MAX_LEASE_MS, MAX_WAIT_MS};
+use crate::peer::Peer;
 use crate::protocol::msgpack::Writer;
 use crate::protocol::{ErrorCode, OpError, Request};
-use crate::server::Peer;
+use crate::service::{OpResult, RequestCtx, Service};
+use crate::stats::{Counter, Sample};
 use keys::{KeySpace, decode_blob, encode_blob};
 use leases::{Handoff, Watch, Watches};
 use scripts::Scripts;
 
-/// Longest lease a caller may ask for; tag-invalidation records live this long.
-pub const MAX_LEASE_MS: u64 = 600_000;
-/// Longest a `cache.fetch` may wait for another caller's fill.
-pub const MAX_WAIT_MS: u64 = 60_000;
 /// Most tags one entry may carry.
 pub const MAX_TAGS: usize = 64;
 /// Keys deleted per Redis call during tag invalidation (bounds each script's run time).
@@ -99,52 +99,41 @@ type CacheResult = Result<Vec<u8>, CacheError>;
 /// Counters for the `cache` section of `stats`.
 #[derive(Debug, Default)]
 pub struct CacheStats {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    sets: AtomicU64,
-    deletes: AtomicU64,
-    leases_granted: AtomicU64,
-    lease_waits: AtomicU64,
-    fills_stored: AtomicU64,
-    fills_rejected: AtomicU64,
-    invalidations: AtomicU64,
-    invalidated_keys: AtomicU64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CacheStatsSnapshot {
-    pub hits: u64,
-    pub misses: u64,
-    pub sets: u64,
-    pub deletes: u64,
-    pub leases_granted: u64,
-    pub lease_waits: u64,
-    pub fills_stored: u64,
-    pub fills_rejected: u64,
-    pub invalidations: u64,
-    pub invalidated_keys: u64,
-}
-
-fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    pub hits: Counter,
+    pub misses: Counter,
+    pub sets: Counter,
+    pub deletes: Counter,
+    pub leases_granted: Counter,
+    pub lease_waits: Counter,
+    pub fills_stored: Counter,
+    pub fills_rejected: Counter,
+    pub invalidations: Counter,
+    pub invalidated_keys: Counter,
 }
 
 impl CacheStats {
-    pub fn snapshot(&self) -> CacheStatsSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        CacheStatsSnapshot {
-            hits: g(&self.hits),
-            misses: g(&self.misses),
-            sets: g(&self.sets),
-            deletes: g(&self.deletes),
-            leases_granted: g(&self.leases_granted),
-            lease_waits: g(&self.lease_waits),
-            fills_stored: g(&self.fills_stored),
-            fills_rejected: g(&self.fills_rejected),
-            invalidations: g(&self.invalidations),
-            invalidated_keys: g(&self.invalidated_keys),
-        }
+    pub fn samples(&self) -> Vec<Sample> {
+        vec![
+            Sample::counter("cache.hits", self.hits.get()),
+            Sample::counter("cache.misses", self.misses.get()),
+            Sample::counter("cache.sets", self.sets.get()),
+            Sample::counter("cache.deletes", self.deletes.get()),
+            Sample::counter("cache.leases_granted", self.leases_granted.get()),
+            Sample::counter("cache.lease_waits", self.lease_waits.get()),
+            Sample::counter("cache.fills_stored", self.fills_stored.get()),
+            Sample::counter("cache.fills_rejected", self.fills_rejected.get()),
+            Sample::counter("cache.invalidations", self.invalidations.get()),
+            Sample::counter("cache.invalidated_keys", self.invalidated_keys.get()),
+        ]
     }
+}
+
+/// Where the service spawns its watch tasks; set by [`Service::start`].
+struct Runtime {
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// The service itself, for the tasks it spawns (weak: no cycle).
+    this: Weak<CacheService>,
 }
 
 /// The cache service; one per daemon, shared by all connections.
@@ -157,8 +146,7 @@ pub struct CacheService {
     channel: String,
     /// The shared namespace's keys (every request uses them unless isolate_by_uid).
     shared: KeySpace,
-    /// Where watch tasks are spawned; set by [`CacheService::start`].
-    runtime: OnceLock<(TaskTracker, CancellationToken)>,
+    runtime: OnceLock<Runtime>,
 }
 
 impl std::fmt::Debug for CacheService {
@@ -189,23 +177,8 @@ impl CacheService {
         })
     }
 
-    /// Starts the pub/sub listener; watch tasks will be spawned on `tasks`.
-    pub fn start(&self, tasks: &TaskTracker, shutdown: &CancellationToken) {
-        let _ = self.runtime.set((tasks.clone(), shutdown.clone()));
-        tasks.spawn(self.watches.clone().run_events(
-            self.backend.clone(),
-            self.channel.clone(),
-            shutdown.child_token(),
-        ));
-    }
-
     /// Runs one `cache.*` op.
-    pub async fn handle(
-        self: &Arc<Self>,
-        cfg: &CacheConfig,
-        peer: &Peer,
-        req: &Request,
-    ) -> Result<Vec<u8>, OpError> {
+    async fn run_op(&self, cfg: &CacheConfig, peer: &Peer, req: &Request) -> OpResult {
         let ks = self.keyspace(cfg, peer)?;
         let result = match req.op() {
             "cache.get" => self.get(cfg, &ks, req).await,
@@ -241,7 +214,7 @@ impl CacheService {
         let mut w = Writer::with_capacity(blob.as_ref().map_or(8, |b| b.len() + 24));
         match blob.as_deref().and_then(decode_blob) {
             Some((value, ttl)) => {
-                add(&self.stats.hits, 1);
+                self.stats.hits.inc();
                 w.map(3)
                     .str("hit")
                     .bool(true)
@@ -251,7 +224,7 @@ impl CacheService {
                     .uint(ttl);
             }
             None => {
-                add(&self.stats.misses, 1);
+                self.stats.misses.inc();
                 w.map(1).str("hit").bool(false);
             }
         }
@@ -276,11 +249,11 @@ impl CacheService {
         for blob in &blobs {
             match blob.as_deref().and_then(decode_blob) {
                 Some((value, _)) => {
-                    add(&self.stats.hits, 1);
+                    self.stats.hits.inc();
                     w.map(2).str("hit").bool(true).str("value").raw(value);
                 }
                 None => {
-                    add(&self.stats.misses, 1);
+                    self.stats.misses.inc();
                     w.map(1).str("hit").bool(false);
                 }
             }
@@ -290,7 +263,7 @@ impl CacheService {
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         self.store(&self.scripts.set, None, cfg, ks, req).await?;
-        add(&self.stats.sets, 1);
+        self.stats.sets.inc();
         Ok(stored(true))
     }
 
@@ -321,12 +294,7 @@ impl CacheService {
         for t in &tags {
             inv.arg(*t);
         }
-        let _permit = self.backend.permit().await;
-        let mut conn = self.backend.connection()?;
-        Ok(inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.backend.classify(e))?)
+        Ok(self.backend.invoke(&inv).await?)
     }
 
     async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -342,26 +310,15 @@ impl CacheService {
                 inv.key(ks.value(k)).key(ks.lease(k));
             }
             inv.arg(&self.channel);
-            let _permit = self.backend.permit().await;
-            let mut conn = self.backend.connection()?;
-            let n: u64 = inv
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.backend.classify(e))?;
-            n
+            self.backend.invoke::<u64>(&inv).await?
         };
-        add(&self.stats.deletes, deleted);
+        self.stats.deletes.add(deleted);
         let mut w = Writer::new();
         w.map(1).str("deleted").uint(deleted);
         Ok(w.into_vec())
     }
 
-    async fn fetch(
-        self: &Arc<Self>,
-        cfg: &CacheConfig,
-        ks: &KeySpace,
-        req: &Request,
-    ) -> CacheResult {
+    async fn fetch(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
         let lease_ms = match req.opt_positive("lease_ms")? {
             Some(ms) if ms > MAX_LEASE_MS => {
@@ -412,13 +369,13 @@ impl CacheService {
     fn hit_or_miss(&self, blob: &[u8]) -> Vec<u8> {
         match decode_blob(blob) {
             Some((value, _)) => {
-                add(&self.stats.hits, 1);
+                self.stats.hits.inc();
                 let mut w = Writer::with_capacity(value.len() + 16);
                 w.map(2).str("hit").bool(true).str("value").raw(value);
                 w.into_vec()
             }
             None => {
-                add(&self.stats.misses, 1);
+                self.stats.misses.inc();
                 miss()
             }
         }
@@ -431,19 +388,18 @@ impl CacheService {
         lease_ms: u64,
     ) -> Result<Fetched, CacheError> {
         let random: u64 = rand_u64();
-        let _permit = self.backend.permit().await;
-        let mut conn = self.backend.connection()?;
         let reply: redis::Value = self
-            .scripts
-            .fetch
-            .key(vkey)
-            .key(lkey)
-            .key(&self.seq_key)
-            .arg(lease_ms)
-            .arg(format!("{random:016x}"))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.backend.classify(e))?;
+            .backend
+            .invoke(
+                self.scripts
+                    .fetch
+                    .key(vkey)
+                    .key(lkey)
+                    .key(&self.seq_key)
+                    .arg(lease_ms)
+                    .arg(format!("{random:016x}")),
+            )
+            .await?;
         let (kind, payload): (i64, redis::Value) =
             redis::from_redis_value(reply).map_err(|e| CacheError::Reply(e.to_string()))?;
         let fetched = match kind {
@@ -453,7 +409,7 @@ impl CacheService {
             )),
             2 => Fetched::Wait(redis::from_redis_value::<i64>(payload).unwrap_or(0).max(1) as u64),
             3 => {
-                add(&self.stats.leases_granted, 1);
+                self.stats.leases_granted.inc();
                 Fetched::Granted(
                     redis::from_redis_value::<String>(payload)
                         .map_err(|e| CacheError::Reply(e.to_string()))?,
@@ -465,24 +421,22 @@ impl CacheService {
     }
 
     /// Waits, with the other callers of this daemon, for the key's fill or for a lease.
-    async fn wait_for(
-        self: &Arc<Self>,
-        vkey: String,
-        lkey: String,
-        lease_ms: u64,
-        wait_ms: u64,
-    ) -> Vec<u8> {
-        add(&self.stats.lease_waits, 1);
+    async fn wait_for(&self, vkey: String, lkey: String, lease_ms: u64, wait_ms: u64) -> Vec<u8> {
+        self.stats.lease_waits.inc();
         let (rx, created) = self.watches.join(&vkey, lease_ms);
         if let Some(watch) = created {
-            match self.runtime.get() {
-                Some((tasks, shutdown)) => {
-                    let this = self.clone();
-                    let shutdown = shutdown.child_token();
-                    tasks.spawn(async move { this.run_watch(vkey, lkey, watch, shutdown).await });
+            match self
+                .runtime
+                .get()
+                .and_then(|rt| Some((rt, rt.this.upgrade()?)))
+            {
+                Some((rt, this)) => {
+                    let shutdown = rt.shutdown.child_token();
+                    rt.tasks
+                        .spawn(async move { this.run_watch(vkey, lkey, watch, shutdown).await });
                 }
                 None => {
-                    tracing::error!("cache service used before CacheService::start; not waiting");
+                    tracing::error!("cache service used before it was started; not waiting");
                     self.watches.retire(&vkey);
                 }
             }
@@ -492,7 +446,7 @@ impl CacheService {
             Ok(Ok(Handoff::Lease(token))) => lease_granted(token),
             // Timed out, or the daemon is stopping: load without filling.
             _ => {
-                add(&self.stats.misses, 1);
+                self.stats.misses.inc();
                 miss()
             }
         }
@@ -548,18 +502,18 @@ impl CacheService {
     }
 
     async fn release(&self, lkey: &str, vkey: &str, token: &str) {
-        let _permit = self.backend.permit().await;
-        if let Ok(mut conn) = self.backend.connection() {
-            let _: Result<i64, _> = self
-                .scripts
-                .release
-                .key(lkey)
-                .key(vkey)
-                .arg(token)
-                .arg(&self.channel)
-                .invoke_async(&mut conn)
-                .await;
-        }
+        // Best effort: if it fails, the lease simply runs out.
+        let _: Result<i64, _> = self
+            .backend
+            .invoke(
+                self.scripts
+                    .release
+                    .key(lkey)
+                    .key(vkey)
+                    .arg(token)
+                    .arg(&self.channel),
+            )
+            .await;
     }
 
     async fn fill(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -569,14 +523,11 @@ impl CacheService {
             .store(&self.scripts.fill, Some(lease), cfg, ks, req)
             .await?;
         let ok = outcome == 1;
-        add(
-            if ok {
-                &self.stats.fills_stored
-            } else {
-                &self.stats.fills_rejected
-            },
-            1,
-        );
+        if ok {
+            self.stats.fills_stored.inc();
+        } else {
+            self.stats.fills_rejected.inc();
+        }
         Ok(stored(ok))
     }
 
@@ -592,30 +543,29 @@ impl CacheService {
         if tags.is_empty() && prefix.is_none() {
             return Err(invalid("tags", "give `tags`, `prefix`, or both"));
         }
-        let _permit = self.backend.permit().await;
-        let mut conn = self.backend.connection()?;
-        let classify = |e| CacheError::from(self.backend.classify(e));
         let mut deleted = 0u64;
         for tag in &tags {
             let _: i64 = self
-                .scripts
-                .invalidate_tag
-                .key(ks.tag_invalidated(tag))
-                .key(&self.seq_key)
-                .arg(MAX_LEASE_MS + 10_000)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(classify)?;
+                .backend
+                .invoke(
+                    self.scripts
+                        .invalidate_tag
+                        .key(ks.tag_invalidated(tag))
+                        .key(&self.seq_key)
+                        .arg(MAX_LEASE_MS + 10_000),
+                )
+                .await?;
             loop {
                 let (n, popped): (u64, u64) = self
-                    .scripts
-                    .pop_tagged
-                    .key(ks.tag_members(tag))
-                    .arg(ks.base())
-                    .arg(TAG_BATCH)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(classify)?;
+                    .backend
+                    .invoke(
+                        self.scripts
+                            .pop_tagged
+                            .key(ks.tag_members(tag))
+                            .arg(ks.base())
+                            .arg(TAG_BATCH),
+                    )
+                    .await?;
                 deleted += n;
                 if popped == 0 {
                     break;
@@ -628,15 +578,16 @@ impl CacheService {
             let mut cursor = "0".to_owned();
             loop {
                 let (next, n): (String, u64) = self
-                    .scripts
-                    .scan_prefix
-                    .arg(&cursor)
-                    .arg(&pattern)
-                    .arg(SCAN_COUNT)
-                    .arg(letter_pos)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(classify)?;
+                    .backend
+                    .invoke(
+                        self.scripts
+                            .scan_prefix
+                            .arg(&cursor)
+                            .arg(&pattern)
+                            .arg(SCAN_COUNT)
+                            .arg(letter_pos),
+                    )
+                    .await?;
                 deleted += n;
                 if next == "0" {
                     break;
@@ -644,8 +595,8 @@ impl CacheService {
                 cursor = next;
             }
         }
-        add(&self.stats.invalidations, 1);
-        add(&self.stats.invalidated_keys, deleted);
+        self.stats.invalidations.inc();
+        self.stats.invalidated_keys.add(deleted);
         let mut w = Writer::new();
         w.map(1).str("deleted").uint(deleted);
         Ok(w.into_vec())
@@ -730,9 +681,32 @@ fn lease_granted(token: String) -> Vec<u8> {
 /// A random lease suffix: unguessable enough that one caller cannot fill with
 /// another's lease by accident (not a security boundary: use isolate_by_uid for that).
 fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(keys::now_ms());
-    h.write_u64(std::process::id() as u64);
-    h.finish()
+    fastrand::u64(..)
+}
+
+impl Service for CacheService {
+    fn ops(&self) -> &'static [&'static str] {
+        OPS
+    }
+
+    fn handle<'a>(&'a self, ctx: RequestCtx<'a>, req: &'a Request) -> BoxFuture<'a, OpResult> {
+        self.run_op(&ctx.config.cache, ctx.peer, req).boxed()
+    }
+
+    fn start(self: Arc<Self>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        let _ = self.runtime.set(Runtime {
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            this: Arc::downgrade(&self),
+        });
+        tasks.spawn(self.watches.clone().run_events(
+            self.backend.clone(),
+            self.channel.clone(),
+            shutdown.child_token(),
+        ));
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Vec<Sample>> {
+        futures::future::ready(self.stats.samples()).boxed()
+    }
 }

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use super::queue::{Enqueued, NewMail, Queue};
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 
 /// Batches in flight at once: two keep Redis busy while the next batch forms.
 const MAX_RUNNERS: usize = 2;
@@ -27,7 +27,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// A failed enqueue gives the mail back (for `on_redis_down = "direct"`), unless
 /// the runtime is being torn down.
-pub type EnqueueResult = Result<Enqueued, (redis::RedisError, Option<Box<NewMail>>)>;
+pub type EnqueueResult = Result<Enqueued, (BackendError, Option<Box<NewMail>>)>;
 
 struct Job {
     mail: NewMail,
@@ -101,10 +101,7 @@ impl Enqueuer {
             Ok(result) => result,
             // Only if the runtime is being torn down.
             Err(_) => Err((
-                redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "the enqueue task ended without an answer",
-                )),
+                BackendError::Unavailable("the enqueue task ended without an answer".into()),
                 None,
             )),
         }
@@ -132,24 +129,9 @@ impl Enqueuer {
             };
             let (mails, replies): (Vec<NewMail>, Vec<_>) =
                 batch.into_iter().map(|j| (j.mail, j.reply)).unzip();
-            let _permit = backend.permit().await;
-            let result = match backend.connection() {
-                Ok(mut conn) => {
-                    queue
-                        .enqueue(
-                            &mut conn,
-                            &mails,
-                            settings.idem_ttl_ms,
-                            settings.retention_ms,
-                        )
-                        .await
-                }
-                Err(e) => Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "redis is unavailable",
-                    e.to_string(),
-                ))),
-            };
+            let result = queue
+                .enqueue(backend, &mails, settings.idem_ttl_ms, settings.retention_ms)
+                .await;
             match result {
                 Ok(answers) => {
                     for (reply, answer) in replies.into_iter().zip(answers) {

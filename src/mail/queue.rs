@@ -23,23 +23,17 @@
 //! - `K:rate:<unix second>`: the global rate-limit window.
 //!
 //! All times in scripts come from Redis `TIME`, so daemons on many hosts agree on
-//! when scheduled mail is due.
+//! when scheduled mail is due. Every Redis call of the mail side is a method here;
+//! the worker and the ops only call these.
 
-use redis::aio::ConnectionLike;
-use redis::{RedisResult, Script, Value};
+use redis::{Script, Value};
+
+use super::status::MailStatus;
+use crate::backend::reply::{bytes, text, uint};
+use crate::backend::{Backend, BackendError, Dedicated};
 
 /// The consumer group every daemon joins.
 pub const GROUP: &str = "workers";
-
-pub const STATUSES: &[&str] = &[
-    "queued",
-    "scheduled",
-    "sending",
-    "retrying",
-    "sent",
-    "dead",
-    "cancelled",
-];
 
 const NOW: &str = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
@@ -254,7 +248,7 @@ return 0
 #[derive(Debug, Clone)]
 pub struct Queue {
     base: String,
-    pub stream: String,
+    stream: String,
     sched: String,
     dead: String,
     counts: String,
@@ -281,7 +275,7 @@ pub struct NewMail {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enqueued {
     pub mail_id: String,
-    pub status: String,
+    pub status: MailStatus,
     pub duplicate: bool,
 }
 
@@ -294,7 +288,8 @@ pub enum Begin {
         rcpts: Vec<String>,
         raw: Vec<u8>,
     },
-    Skip(String),
+    /// Nothing to deliver: the mail is in this status (None: no record).
+    Skip(Option<MailStatus>),
     Dead(String),
 }
 
@@ -317,9 +312,9 @@ pub enum Outcome {
 }
 
 /// One status record, as `mail.status` reports it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StatusRecord {
-    pub status: String,
+    pub status: MailStatus,
     pub attempts: u64,
     pub last_error: Option<String>,
     pub next_attempt_ms: Option<u64>,
@@ -338,38 +333,63 @@ pub struct DeadRecord {
     pub dead_ms: u64,
 }
 
+/// One stream entry: a mail to deliver.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: String,
+    /// Empty for an entry that is not ours (acknowledged without delivery).
+    pub mail_id: String,
+    /// The message, when the entry carries it (entries of satchel 0.1 do not).
+    pub raw: Option<Vec<u8>>,
+}
+
+/// What one `XAUTOCLAIM` step took over.
+#[derive(Debug)]
+pub struct Claimed {
+    pub entries: Vec<Entry>,
+    /// Where the next step starts; `0-0` when the scan is complete.
+    pub cursor: String,
+}
+
+/// Mails per status across every daemon, and the stream's length.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    pub by_status: Vec<(MailStatus, i64)>,
+    pub stream_len: u64,
+}
+
+impl Counts {
+    pub fn of(&self, status: MailStatus) -> i64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
 /// A script: the clock, the helper functions it uses, then its body.
 fn script(body: &str, helpers: &[&str]) -> Script {
+    Script::new(&script_text(body, helpers))
+}
+
+fn script_text(body: &str, helpers: &[&str]) -> String {
     let mut s = String::from(NOW);
     for h in helpers {
         s.push_str(h);
     }
     s.push_str(body);
-    Script::new(&s)
+    s
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
-
-fn num(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        other => text(other)?.parse().ok(),
-    }
-}
-
-fn unexpected(what: &str, v: &Value) -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::UnexpectedReturnType,
-        "unexpected reply",
-        format!("{what}: {v:?}"),
-    ))
+/// The source of every script (for tests that check what they write).
+#[cfg(test)]
+pub fn script_sources() -> Vec<String> {
+    [
+        ENQUEUE, MOVE_DUE, BEGIN, FINISH, CANCEL, RETRY, REQUEUE, ACK,
+    ]
+    .iter()
+    .map(|b| script_text(b, &[]))
+    .collect()
 }
 
 pub fn split_list(s: &str) -> Vec<String> {
@@ -377,6 +397,10 @@ pub fn split_list(s: &str) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+fn status_of(v: Option<&Value>) -> Option<MailStatus> {
+    MailStatus::parse(&text(v?)?)
 }
 
 impl Queue {
@@ -412,29 +436,31 @@ impl Queue {
     }
 
     /// Creates the consumer group (and the stream) if missing.
-    pub async fn ensure_group<C: ConnectionLike>(&self, conn: &mut C) -> RedisResult<()> {
-        let r: RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.stream)
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(conn)
+    pub async fn ensure_group(&self, backend: &Backend) -> Result<(), BackendError> {
+        let r: Result<(), _> = backend
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&self.stream)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
             .await;
         match r {
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) if e.redis_code() == Some("BUSYGROUP") => Ok(()),
             other => other,
         }
     }
 
     /// Enqueues `mails` in one script run; the answers come in the same order.
-    pub async fn enqueue<C: ConnectionLike>(
+    pub async fn enqueue(
         &self,
-        conn: &mut C,
+        backend: &Backend,
         mails: &[NewMail],
         idem_ttl_ms: u64,
         retention_ms: u64,
-    ) -> RedisResult<Vec<Enqueued>> {
+    ) -> Result<Vec<Enqueued>, BackendError> {
         let mut inv = self.enqueue.prepare_invoke();
         inv.key(&self.stream)
             .key(&self.sched)
@@ -455,82 +481,82 @@ impl Queue {
                 .arg(&b.message_id)
                 .arg(&b.raw[..]);
         }
-        let v: Value = inv.invoke_async(conn).await?;
+        let v: Value = backend.invoke(&inv).await?;
         match &v {
-            Value::Array(items) if items.len() == 3 * mails.len() => Ok(items
+            Value::Array(items) if items.len() == 3 * mails.len() => items
                 .chunks(3)
-                .map(|it| Enqueued {
-                    mail_id: text(&it[0]).unwrap_or_default(),
-                    status: text(&it[1]).unwrap_or_default(),
-                    duplicate: num(&it[2]) == Some(1),
+                .map(|it| {
+                    Ok(Enqueued {
+                        mail_id: text(&it[0]).unwrap_or_default(),
+                        status: status_of(it.get(1))
+                            .ok_or_else(|| BackendError::reply("enqueue status", &it[1]))?,
+                        duplicate: uint(&it[2]) == Some(1),
+                    })
                 })
-                .collect()),
-            other => Err(unexpected("enqueue", other)),
+                .collect(),
+            other => Err(BackendError::reply("enqueue", other)),
         }
     }
 
     /// Moves due scheduled mail and retries into the stream; returns how many.
-    pub async fn move_due<C: ConnectionLike>(&self, conn: &mut C, limit: u64) -> RedisResult<u64> {
-        self.move_due
-            .key(&self.sched)
-            .key(&self.stream)
-            .key(&self.counts)
-            .arg(self.status_prefix())
-            .arg(limit)
-            .invoke_async(conn)
+    pub async fn move_due(&self, backend: &Backend, limit: u64) -> Result<u64, BackendError> {
+        backend
+            .invoke(
+                self.move_due
+                    .key(&self.sched)
+                    .key(&self.stream)
+                    .key(&self.counts)
+                    .arg(self.status_prefix())
+                    .arg(limit),
+            )
             .await
     }
 
-    pub async fn begin<C: ConnectionLike>(
+    pub async fn begin(
         &self,
-        conn: &mut C,
-        mail_id: &str,
-        entry_id: &str,
+        backend: &Backend,
+        entry: &Entry,
         max_attempts: u64,
         retention_ms: u64,
-        entry_has_raw: bool,
-    ) -> RedisResult<Begin> {
-        let v: Value = self
-            .begin
-            .key(self.status_key(mail_id))
-            .key(&self.counts)
-            .key(&self.stream)
-            .key(&self.dead)
-            .arg(max_attempts)
-            .arg(GROUP)
-            .arg(entry_id)
-            .arg(retention_ms)
-            .arg(mail_id)
-            .arg(if entry_has_raw { "1" } else { "0" })
-            .invoke_async(conn)
+    ) -> Result<Begin, BackendError> {
+        let v: Value = backend
+            .invoke(
+                self.begin
+                    .key(self.status_key(&entry.mail_id))
+                    .key(&self.counts)
+                    .key(&self.stream)
+                    .key(&self.dead)
+                    .arg(max_attempts)
+                    .arg(GROUP)
+                    .arg(&entry.id)
+                    .arg(retention_ms)
+                    .arg(&entry.mail_id)
+                    .arg(if entry.raw.is_some() { "1" } else { "0" }),
+            )
             .await?;
         let Value::Array(items) = &v else {
-            return Err(unexpected("begin", &v));
+            return Err(BackendError::reply("begin", &v));
         };
         match (items.first().and_then(text).as_deref(), items.len()) {
             (Some("go"), 5) => Ok(Begin::Go {
-                attempts: num(&items[1]).unwrap_or(1),
+                attempts: uint(&items[1]).unwrap_or(1),
                 from: text(&items[2]).unwrap_or_default(),
                 rcpts: split_list(&text(&items[3]).unwrap_or_default()),
-                raw: match &items[4] {
-                    Value::BulkString(b) => b.clone(),
-                    _ => Vec::new(),
-                },
+                raw: bytes(&items[4]).unwrap_or_default(),
             }),
-            (Some("skip"), 2) => Ok(Begin::Skip(text(&items[1]).unwrap_or_default())),
+            (Some("skip"), 2) => Ok(Begin::Skip(status_of(items.get(1)))),
             (Some("dead"), 2) => Ok(Begin::Dead(text(&items[1]).unwrap_or_default())),
-            _ => Err(unexpected("begin", &v)),
+            _ => Err(BackendError::reply("begin", &v)),
         }
     }
 
-    pub async fn finish<C: ConnectionLike>(
+    pub async fn finish(
         &self,
-        conn: &mut C,
-        mail_id: &str,
-        entry_id: &str,
+        backend: &Backend,
+        entry: &Entry,
         retention_ms: u64,
         outcome: &Outcome,
-    ) -> RedisResult<()> {
+    ) -> Result<(), BackendError> {
         let (kind, error, delay, rcpts, refused) = match outcome {
             Outcome::Sent { refused } => ("sent", "", 0, String::new(), refused),
             Outcome::Retry {
@@ -547,42 +573,44 @@ impl Queue {
             ),
             Outcome::Dead { error, refused } => ("dead", error.as_str(), 0, String::new(), refused),
         };
-        let _: Value = self
-            .finish
-            .key(self.status_key(mail_id))
-            .key(&self.counts)
-            .key(&self.stream)
-            .key(&self.sched)
-            .key(&self.dead)
-            .arg(kind)
-            .arg(GROUP)
-            .arg(entry_id)
-            .arg(retention_ms)
-            .arg(error)
-            .arg(delay)
-            .arg(rcpts)
-            .arg(mail_id)
-            .arg(refused.as_str())
-            .invoke_async(conn)
+        let _: Value = backend
+            .invoke(
+                self.finish
+                    .key(self.status_key(&entry.mail_id))
+                    .key(&self.counts)
+                    .key(&self.stream)
+                    .key(&self.sched)
+                    .key(&self.dead)
+                    .arg(kind)
+                    .arg(GROUP)
+                    .arg(&entry.id)
+                    .arg(retention_ms)
+                    .arg(error)
+                    .arg(delay)
+                    .arg(rcpts)
+                    .arg(&entry.mail_id)
+                    .arg(refused.as_str()),
+            )
             .await?;
         Ok(())
     }
 
     /// → None if unknown, Some(cancelled?)
-    pub async fn cancel<C: ConnectionLike>(
+    pub async fn cancel(
         &self,
-        conn: &mut C,
+        backend: &Backend,
         mail_id: &str,
         retention_ms: u64,
-    ) -> RedisResult<Option<bool>> {
-        let r: i64 = self
-            .cancel
-            .key(self.status_key(mail_id))
-            .key(&self.sched)
-            .key(&self.counts)
-            .arg(mail_id)
-            .arg(retention_ms)
-            .invoke_async(conn)
+    ) -> Result<Option<bool>, BackendError> {
+        let r: i64 = backend
+            .invoke(
+                self.cancel
+                    .key(self.status_key(mail_id))
+                    .key(&self.sched)
+                    .key(&self.counts)
+                    .arg(mail_id)
+                    .arg(retention_ms),
+            )
             .await?;
         Ok(match r {
             -1 => None,
@@ -591,77 +619,76 @@ impl Queue {
     }
 
     /// → Err(None) unknown, Err(Some(status)) not dead, Ok(()) requeued.
-    pub async fn retry<C: ConnectionLike>(
+    pub async fn retry(
         &self,
-        conn: &mut C,
+        backend: &Backend,
         mail_id: &str,
-    ) -> RedisResult<Result<(), Option<String>>> {
-        let v: Value = self
-            .retry
-            .key(self.status_key(mail_id))
-            .key(&self.stream)
-            .key(&self.dead)
-            .key(&self.counts)
-            .arg(mail_id)
-            .invoke_async(conn)
+    ) -> Result<Result<(), Option<MailStatus>>, BackendError> {
+        let v: Value = backend
+            .invoke(
+                self.retry
+                    .key(self.status_key(mail_id))
+                    .key(&self.stream)
+                    .key(&self.dead)
+                    .key(&self.counts)
+                    .arg(mail_id),
+            )
             .await?;
         Ok(match &v {
             Value::Int(1) => Ok(()),
             Value::Int(_) => Err(None),
-            other => Err(text(other)),
+            other => Err(status_of(Some(other))),
         })
     }
 
     /// Waits for the global rate window; returns ms to wait (0 = go).
-    pub async fn rate_wait<C: ConnectionLike>(&self, conn: &mut C, rate: u64) -> RedisResult<u64> {
+    pub async fn rate_wait(&self, backend: &Backend, rate: u64) -> Result<u64, BackendError> {
         // `t` (Redis TIME) is defined by the NOW prelude.
-        self.rate_script
-            .key(&self.rate)
-            .arg(rate)
-            .invoke_async(conn)
+        backend
+            .invoke(self.rate_script.key(&self.rate).arg(rate))
             .await
     }
 
-    pub async fn status<C: ConnectionLike>(
+    pub async fn status(
         &self,
-        conn: &mut C,
+        backend: &Backend,
         mail_id: &str,
-    ) -> RedisResult<Option<StatusRecord>> {
-        let v: Vec<Value> = redis::cmd("HMGET")
-            .arg(self.status_key(mail_id))
-            .arg(&[
+    ) -> Result<Option<StatusRecord>, BackendError> {
+        let v: Vec<Value> = backend
+            .query(redis::cmd("HMGET").arg(self.status_key(mail_id)).arg(&[
                 "status",
                 "attempts",
                 "last_error",
                 "next_attempt_ms",
                 "updated_ms",
                 "refused",
-            ])
-            .query_async(conn)
+            ]))
             .await?;
-        let Some(status) = v.first().and_then(text) else {
+        let Some(status) = status_of(v.first()) else {
             return Ok(None);
         };
         Ok(Some(StatusRecord {
             status,
-            attempts: v.get(1).and_then(num).unwrap_or(0),
+            attempts: v.get(1).and_then(uint).unwrap_or(0),
             last_error: v.get(2).and_then(text),
-            next_attempt_ms: v.get(3).and_then(num),
-            updated_ms: v.get(4).and_then(num).unwrap_or(0),
+            next_attempt_ms: v.get(3).and_then(uint),
+            updated_ms: v.get(4).and_then(uint).unwrap_or(0),
             refused: v.get(5).and_then(text),
         }))
     }
 
-    pub async fn dead<C: ConnectionLike>(
+    pub async fn dead(
         &self,
-        conn: &mut C,
+        backend: &Backend,
         limit: u64,
-    ) -> RedisResult<Vec<DeadRecord>> {
-        let ids: Vec<String> = redis::cmd("ZREVRANGE")
-            .arg(&self.dead)
-            .arg(0)
-            .arg(limit.saturating_sub(1))
-            .query_async(conn)
+    ) -> Result<Vec<DeadRecord>, BackendError> {
+        let ids: Vec<String> = backend
+            .query(
+                redis::cmd("ZREVRANGE")
+                    .arg(&self.dead)
+                    .arg(0)
+                    .arg(limit.saturating_sub(1)),
+            )
             .await?;
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -677,43 +704,186 @@ impl Queue {
                 "dead_ms",
             ]);
         }
-        let rows: Vec<Vec<Value>> = pipe.query_async(conn).await?;
+        let rows: Vec<Vec<Value>> = backend.pipeline(&pipe).await?;
         Ok(ids
             .into_iter()
             .zip(rows)
-            .filter(|(_, r)| r.first().and_then(text).as_deref() == Some("dead"))
+            .filter(|(_, r)| status_of(r.first()) == Some(MailStatus::Dead))
             .map(|(mail_id, r)| DeadRecord {
                 mail_id,
                 to: split_list(&r.get(1).and_then(text).unwrap_or_default()),
                 subject: r.get(2).and_then(text).unwrap_or_default(),
-                attempts: r.get(3).and_then(num).unwrap_or(0),
+                attempts: r.get(3).and_then(uint).unwrap_or(0),
                 last_error: r.get(4).and_then(text).unwrap_or_default(),
-                dead_ms: r.get(5).and_then(num).unwrap_or(0),
+                dead_ms: r.get(5).and_then(uint).unwrap_or(0),
             })
             .collect())
     }
 
     /// Mails per status across every daemon, and the stream length (undelivered +
     /// in flight).
-    pub async fn counts<C: ConnectionLike>(
-        &self,
-        conn: &mut C,
-    ) -> RedisResult<(Vec<(String, i64)>, u64)> {
-        let (counts, len): (Vec<Option<i64>>, u64) = redis::pipe()
-            .cmd("HMGET")
-            .arg(&self.counts)
-            .arg(STATUSES)
-            .cmd("XLEN")
-            .arg(&self.stream)
-            .query_async(conn)
-            .await?;
-        Ok((
-            STATUSES
-                .iter()
+    pub async fn counts(&self, backend: &Backend) -> Result<Counts, BackendError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET").arg(&self.counts);
+        for st in MailStatus::ALL {
+            pipe.arg(st.as_str());
+        }
+        pipe.cmd("XLEN").arg(&self.stream);
+        let (counts, stream_len): (Vec<Option<i64>>, u64) = backend.pipeline(&pipe).await?;
+        Ok(Counts {
+            by_status: MailStatus::ALL
+                .into_iter()
                 .zip(counts)
-                .map(|(s, n)| (s.to_string(), n.unwrap_or(0).max(0)))
+                .map(|(s, n)| (s, n.unwrap_or(0).max(0)))
                 .collect(),
-            len,
-        ))
+            stream_len,
+        })
+    }
+
+    /// Stream entries not yet acknowledged (waiting + in flight).
+    pub async fn depth(&self, backend: &Backend) -> Result<u64, BackendError> {
+        backend.query(redis::cmd("XLEN").arg(&self.stream)).await
+    }
+
+    /// Takes up to `count` new entries for `consumer`, blocking up to `block_ms` on
+    /// the reader's own connection. A `NOGROUP` error means the stream was deleted
+    /// (FLUSHALL): call [`Queue::ensure_group`] and read again.
+    pub async fn read_new(
+        &self,
+        conn: &mut Dedicated,
+        consumer: &str,
+        count: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Entry>, BackendError> {
+        let v: Value = conn
+            .query(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("BLOCK")
+                    .arg(block_ms)
+                    .arg("STREAMS")
+                    .arg(&self.stream)
+                    .arg(">"),
+            )
+            .await?;
+        Ok(stream_entries(&v))
+    }
+
+    /// Takes over up to `count` entries idle for `idle_ms` (their consumer died), from
+    /// `cursor` on. Entries deleted from the stream while pending are acknowledged
+    /// here: nothing to deliver, but they must leave the pending list.
+    pub async fn claim_abandoned(
+        &self,
+        backend: &Backend,
+        consumer: &str,
+        idle_ms: u64,
+        cursor: &str,
+        count: usize,
+    ) -> Result<Claimed, BackendError> {
+        let v: Value = backend
+            .query(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&self.stream)
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg(idle_ms)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        let Value::Array(parts) = &v else {
+            return Err(BackendError::reply("XAUTOCLAIM", &v));
+        };
+        if let Some(Value::Array(deleted)) = parts.get(2)
+            && !deleted.is_empty()
+        {
+            let mut ack = redis::cmd("XACK");
+            ack.arg(&self.stream).arg(GROUP);
+            for d in deleted.iter().filter_map(text) {
+                ack.arg(d);
+            }
+            let _: Result<Value, _> = backend.query(&ack).await;
+        }
+        Ok(Claimed {
+            cursor: parts.first().and_then(text).unwrap_or_else(|| "0-0".into()),
+            entries: parts.get(1).map(entries_of).unwrap_or_default(),
+        })
+    }
+
+    /// Refreshes `consumer`'s claim on an entry whose delivery is still running, so
+    /// it is not taken over as if this daemon had died.
+    pub async fn keep_claim(&self, backend: &Backend, consumer: &str, entry_id: &str) {
+        let _: Result<Value, _> = backend
+            .query(
+                redis::cmd("XCLAIM")
+                    .arg(&self.stream)
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(entry_id)
+                    .arg("JUSTID"),
+            )
+            .await;
+    }
+
+    /// Acknowledges and deletes an entry that is not one of ours, so it is not
+    /// reclaimed for ever.
+    pub async fn drop_foreign(&self, backend: &Backend, entry_id: &str) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
+            .arg(&self.stream)
+            .arg(GROUP)
+            .arg(entry_id)
+            .cmd("XDEL")
+            .arg(&self.stream)
+            .arg(entry_id);
+        let _: Result<Value, _> = backend.pipeline(&pipe).await;
+    }
+}
+
+/// The entries of an XREADGROUP / XAUTOCLAIM entry list.
+fn entries_of(list: &Value) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let Value::Array(entries) = list else {
+        return out;
+    };
+    for e in entries {
+        let Value::Array(parts) = e else { continue };
+        let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
+            continue;
+        };
+        let Some(id) = text(id) else { continue };
+        let field = |name: &str| {
+            fields
+                .chunks(2)
+                .find(|kv| kv.first().and_then(text).as_deref() == Some(name))
+                .and_then(|kv| kv.get(1))
+        };
+        out.push(Entry {
+            id,
+            mail_id: field("id").and_then(text).unwrap_or_default(),
+            raw: field("raw").and_then(bytes),
+        });
+    }
+    out
+}
+
+fn stream_entries(v: &Value) -> Vec<Entry> {
+    // RESP2: [[stream, [entries]]]; RESP3 may give a map.
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(kv) if kv.len() == 2 => entries_of(&kv[1]),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(kv) => kv.iter().flat_map(|(_, e)| entries_of(e)).collect(),
+        _ => Vec::new(),
     }
 }

@@ -2,7 +2,7 @@
 //! entries (XREADGROUP on its own connection), a janitor moves due scheduled mail
 //! and retries into the stream and reclaims entries a dead consumer left pending
 //! (XAUTOCLAIM), and each entry is delivered by its own task, at most
-//! `mail.concurrency` at a time.
+//! `mail.concurrency` at a time. Every Redis call is a [`Queue`] method.
 //!
 //! On shutdown the reader and the janitor stop at once; deliveries already started run
 //! to the end (bounded by the SMTP timeouts) and are acknowledged. Entries read but not
@@ -13,17 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::MailService;
-use super::config::MailConfig;
-use super::queue::{Begin, GROUP, Outcome};
+use super::queue::{Begin, Entry, Outcome};
 use super::transport::{Delivered, SendError};
-use crate::server::Shared;
+use crate::backend::Dedicated;
+use crate::config::MailConfig;
 
 /// Most entries taken per XREADGROUP.
 const READ_BATCH: usize = 64;
@@ -34,34 +32,21 @@ const SCHEDULE_TICK: Duration = Duration::from_millis(50);
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// Runs the workers of this daemon until `shutdown`; deliveries are spawned on `tasks`.
-pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, tasks: TaskTracker) {
-    let cfg = shared.config.load().mail.clone();
+pub async fn run(mail: Arc<MailService>, shutdown: CancellationToken, tasks: TaskTracker) {
+    let cfg = mail.config.load().mail.clone();
     if !cfg.enabled {
         tracing::info!("mail.enabled = false: this daemon queues mail but delivers none");
         return;
     }
     let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
     tasks.spawn(janitor(
-        shared.clone(),
+        mail.clone(),
         cfg.clone(),
         slots.clone(),
         shutdown.child_token(),
         tasks.clone(),
     ));
-    reader(shared, cfg, slots, shutdown, tasks).await;
-}
-
-/// A connection for blocking reads only: the shared one has a response timeout that
-/// would cut every `XREADGROUP BLOCK` short.
-async fn blocking_connection(shared: &Shared) -> redis::RedisResult<MultiplexedConnection> {
-    let cfg = shared.config.load();
-    let client = redis::Client::open(cfg.redis.url.as_str())?;
-    let conn_cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(cfg.redis.connect_timeout()))
-        .set_response_timeout(None);
-    client
-        .get_multiplexed_async_connection_with_config(&conn_cfg)
-        .await
+    reader(mail, cfg, slots, shutdown, tasks).await;
 }
 
 async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
@@ -72,14 +57,13 @@ async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
 }
 
 async fn reader(
-    shared: Arc<Shared>,
+    mail: Arc<MailService>,
     cfg: MailConfig,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let mail = &shared.mail;
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Dedicated> = None;
     let mut logged = false;
     loop {
         if shutdown.is_cancelled() {
@@ -87,31 +71,29 @@ async fn reader(
         }
         let c = match &mut conn {
             Some(c) => c,
-            None => match blocking_connection(&shared).await {
-                Ok(mut c) => match mail.queue.ensure_group(&mut c).await {
-                    Ok(()) => {
+            None => {
+                let ready = async {
+                    let c = mail.backend.dedicated().await?;
+                    mail.queue.ensure_group(&mail.backend).await?;
+                    Ok::<_, crate::backend::BackendError>(c)
+                };
+                match ready.await {
+                    Ok(c) => {
                         logged = false;
                         conn.insert(c)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot create the mail consumer group");
+                        if !logged {
+                            tracing::warn!(error = %e, "mail workers wait for redis");
+                            logged = true;
+                        }
                         if !pause(&shutdown, RETRY_PAUSE).await {
                             return;
                         }
                         continue;
                     }
-                },
-                Err(e) => {
-                    if !logged {
-                        tracing::warn!(error = %e, "mail workers wait for redis");
-                        logged = true;
-                    }
-                    if !pause(&shutdown, RETRY_PAUSE).await {
-                        return;
-                    }
-                    continue;
                 }
-            },
+            }
         };
         // Wait for a free slot but do not hold it while blocked in the read: the
         // janitor needs free slots to reclaim entries of dead consumers.
@@ -123,39 +105,27 @@ async fn reader(
             Err(_) => return,
         }
         let count = slots.available_permits().clamp(1, READ_BATCH);
-        let mut read_cmd = redis::cmd("XREADGROUP");
-        read_cmd
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&mail.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(BLOCK_MS)
-            .arg("STREAMS")
-            .arg(&mail.queue.stream)
-            .arg(">");
-        let read = read_cmd.query_async::<Value>(c);
+        let read = mail.queue.read_new(c, &mail.consumer, count, BLOCK_MS);
         let reply = tokio::select! {
             // Entries Redis handed us in a read we drop stay pending for reclaim.
             _ = shutdown.cancelled() => return,
             r = read => r,
         };
         match reply {
-            Ok(v) => {
-                for entry in stream_entries(&v) {
+            Ok(entries) => {
+                for entry in entries {
                     // Usually free at once; if the janitor took the slots meanwhile,
                     // wait for a delivery to end (on shutdown the rest stay pending).
                     let permit = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                     };
-                    spawn_delivery(&shared, &cfg, &tasks, entry, permit, false);
+                    spawn_delivery(&mail, &cfg, &tasks, entry, permit, false);
                 }
             }
-            Err(e) if e.code() == Some("NOGROUP") => {
+            Err(e) if e.redis_code() == Some("NOGROUP") => {
                 // The stream was deleted (FLUSHALL, a test); make it again.
-                let _ = mail.queue.ensure_group(c).await;
+                let _ = mail.queue.ensure_group(&mail.backend).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "XREADGROUP failed; reconnecting");
@@ -168,85 +138,21 @@ async fn reader(
     }
 }
 
-/// One stream entry: a mail to deliver.
-#[derive(Debug)]
-struct Entry {
-    id: String,
-    mail_id: String,
-    /// The message, when the entry carries it (entries of satchel 0.1 do not).
-    raw: Option<Vec<u8>>,
-}
-
-/// The entries of an XREADGROUP / XAUTOCLAIM entry list.
-fn entries_of(list: &Value) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let Value::Array(entries) = list else {
-        return out;
-    };
-    for e in entries {
-        let Value::Array(parts) = e else { continue };
-        let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
-            continue;
-        };
-        let Some(id) = as_string(id) else { continue };
-        let field = |name: &str| {
-            fields
-                .chunks(2)
-                .find(|kv| kv.first().and_then(as_string).as_deref() == Some(name))
-                .and_then(|kv| kv.get(1))
-        };
-        let mail_id = field("id").and_then(as_string).unwrap_or_default();
-        let raw = match field("raw") {
-            Some(Value::BulkString(b)) => Some(b.clone()),
-            _ => None,
-        };
-        out.push(Entry { id, mail_id, raw });
-    }
-    out
-}
-
-fn stream_entries(v: &Value) -> Vec<Entry> {
-    // RESP2: [[stream, [entries]]]; RESP3 may give a map.
-    match v {
-        Value::Array(streams) => streams
-            .iter()
-            .flat_map(|s| match s {
-                Value::Array(kv) if kv.len() == 2 => entries_of(&kv[1]),
-                _ => Vec::new(),
-            })
-            .collect(),
-        Value::Map(kv) => kv.iter().flat_map(|(_, e)| entries_of(e)).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn as_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
 fn spawn_delivery(
-    shared: &Arc<Shared>,
+    mail: &Arc<MailService>,
     cfg: &MailConfig,
     tasks: &TaskTracker,
     entry: Entry,
     permit: OwnedSemaphorePermit,
     reclaimed: bool,
 ) {
-    let shared = shared.clone();
+    let mail = mail.clone();
     let cfg = cfg.clone();
     tasks.spawn(async move {
         if reclaimed {
-            shared
-                .mail
-                .counters
-                .reclaimed
-                .fetch_add(1, Ordering::Relaxed);
+            mail.counters.reclaimed.inc();
         }
-        deliver(&shared, &cfg, entry).await;
+        deliver(&mail, &cfg, entry).await;
         drop(permit);
     });
 }
@@ -313,49 +219,31 @@ pub fn outcome_of(
 
 /// Keeps our claim on an entry fresh while its delivery runs, so a slow send is never
 /// taken over by another daemon as if we had died.
-async fn heartbeat(shared: &Shared, cfg: &MailConfig, entry_id: &str) {
+async fn heartbeat(mail: &MailService, cfg: &MailConfig, entry_id: &str) {
     let every = cfg.claim_idle() / 3;
     loop {
         tokio::time::sleep(every).await;
-        if let Ok(mut conn) = shared.backend.connection() {
-            let _: redis::RedisResult<Value> = redis::cmd("XCLAIM")
-                .arg(&shared.mail.queue.stream)
-                .arg(GROUP)
-                .arg(&shared.mail.consumer)
-                .arg(0)
-                .arg(entry_id)
-                .arg("JUSTID")
-                .query_async(&mut conn)
-                .await;
-        }
-    }
-}
-
-async fn deliver(shared: &Shared, cfg: &MailConfig, entry: Entry) {
-    tokio::select! {
-        _ = heartbeat(shared, cfg, &entry.id) => {}
-        _ = deliver_inner(shared, cfg, &entry) => {}
-    }
-}
-
-async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
-    let (entry_id, mail_id) = (entry.id.as_str(), entry.mail_id.as_str());
-    let mail: &MailService = &shared.mail;
-    let Ok(mut conn) = shared.backend.connection() else {
-        return; // stays pending; reclaimed once Redis is back
-    };
-    if mail_id.is_empty() {
-        // Not one of ours: acknowledge so it is not reclaimed for ever.
-        let _: redis::RedisResult<Value> = redis::pipe()
-            .cmd("XACK")
-            .arg(&mail.queue.stream)
-            .arg(GROUP)
-            .arg(entry_id)
-            .cmd("XDEL")
-            .arg(&mail.queue.stream)
-            .arg(entry_id)
-            .query_async(&mut conn)
+        mail.queue
+            .keep_claim(&mail.backend, &mail.consumer, entry_id)
             .await;
+    }
+}
+
+async fn deliver(mail: &MailService, cfg: &MailConfig, entry: Entry) {
+    tokio::select! {
+        _ = heartbeat(mail, cfg, &entry.id) => {}
+        _ = deliver_inner(mail, cfg, &entry) => {}
+    }
+}
+
+async fn deliver_inner(mail: &MailService, cfg: &MailConfig, entry: &Entry) {
+    let mail_id = entry.mail_id.as_str();
+    let backend = &mail.backend;
+    if backend.ensure_up().is_err() {
+        return; // stays pending; reclaimed once Redis is back
+    }
+    if mail_id.is_empty() {
+        mail.queue.drop_foreign(backend, &entry.id).await;
         return;
     }
     // Under a rate limit, connect first, so that the permit is followed by the
@@ -365,7 +253,7 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
     if cfg.rate_per_sec > 0 {
         ready = Some(mail.transport.ready().await);
         loop {
-            match mail.queue.rate_wait(&mut conn, cfg.rate_per_sec).await {
+            match mail.queue.rate_wait(backend, cfg.rate_per_sec).await {
                 Ok(0) => break,
                 Ok(ms) => tokio::time::sleep(Duration::from_millis(ms.max(1))).await,
                 Err(_) => return,
@@ -374,14 +262,7 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
     }
     let begun = match mail
         .queue
-        .begin(
-            &mut conn,
-            mail_id,
-            entry_id,
-            cfg.max_attempts,
-            cfg.status_retention_ms,
-            entry.raw.is_some(),
-        )
+        .begin(backend, entry, cfg.max_attempts, cfg.status_retention_ms)
         .await
     {
         Ok(b) => b,
@@ -401,19 +282,19 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
             if let Some(ready) = ready {
                 mail.transport.release(ready);
             }
-            tracing::debug!(%mail_id, %status, "entry needs no delivery; acknowledged");
+            tracing::debug!(%mail_id, ?status, "entry needs no delivery; acknowledged");
             return;
         }
         Begin::Dead(reason) => {
             if let Some(ready) = ready {
                 mail.transport.release(ready);
             }
-            mail.counters.dead.fetch_add(1, Ordering::Relaxed);
+            mail.counters.dead.inc();
             tracing::warn!(%mail_id, %reason, "mail is dead");
             return;
         }
     };
-    mail.counters.sending.fetch_add(1, Ordering::Relaxed);
+    let _sending = mail.counters.sending.enter();
     let ready = match ready {
         Some(ready) => ready,
         None => mail.transport.ready().await,
@@ -431,17 +312,17 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
     let outcome = outcome_of(cfg, attempts, result);
     match &outcome {
         Outcome::Sent { .. } => {
-            mail.counters.sent.fetch_add(1, Ordering::Relaxed);
+            mail.counters.sent.inc();
             tracing::debug!(%mail_id, attempts, "sent");
         }
         Outcome::Retry {
             error, delay_ms, ..
         } => {
-            mail.counters.retried.fetch_add(1, Ordering::Relaxed);
+            mail.counters.retried.inc();
             tracing::info!(%mail_id, attempts, delay_ms, %error, "delivery failed; will retry");
         }
         Outcome::Dead { error, .. } => {
-            mail.counters.dead.fetch_add(1, Ordering::Relaxed);
+            mail.counters.dead.inc();
             tracing::warn!(%mail_id, attempts, %error, "delivery failed for good; mail is dead");
         }
     }
@@ -449,15 +330,11 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
     // trying for a while if Redis blinks.
     let deadline = Instant::now() + cfg.claim_idle() / 2;
     loop {
-        let r = match shared.backend.connection() {
-            Ok(mut c) => mail
-                .queue
-                .finish(&mut c, mail_id, entry_id, cfg.status_retention_ms, &outcome)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match r {
+        match mail
+            .queue
+            .finish(backend, entry, cfg.status_retention_ms, &outcome)
+            .await
+        {
             Ok(()) => break,
             Err(e) if Instant::now() >= deadline => {
                 tracing::error!(%mail_id, error = %e, "cannot record the delivery outcome; the entry stays pending");
@@ -466,18 +343,17 @@ async fn deliver_inner(shared: &Shared, cfg: &MailConfig, entry: &Entry) {
             Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
         }
     }
-    mail.counters.sending.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Moves due mail into the stream, reclaims abandoned entries, samples counters.
 async fn janitor(
-    shared: Arc<Shared>,
+    mail: Arc<MailService>,
     cfg: MailConfig,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let mail = &shared.mail;
+    let backend = &mail.backend;
     let claim_every = (cfg.claim_idle() / 2).max(Duration::from_millis(50));
     let mut last_claim = Instant::now() - claim_every;
     let mut last_sample = Instant::now();
@@ -487,14 +363,14 @@ async fn janitor(
         if !pause(&shutdown, SCHEDULE_TICK).await {
             return;
         }
-        let Ok(mut conn) = shared.backend.connection() else {
+        if backend.ensure_up().is_err() {
             continue;
-        };
+        }
         if !group_ready {
-            group_ready = mail.queue.ensure_group(&mut conn).await.is_ok();
+            group_ready = mail.queue.ensure_group(backend).await.is_ok();
         }
         loop {
-            match mail.queue.move_due(&mut conn, 500).await {
+            match mail.queue.move_due(backend, 500).await {
                 Ok(500) => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -505,18 +381,14 @@ async fn janitor(
         }
         if last_claim.elapsed() >= claim_every {
             last_claim = Instant::now();
-            reclaim(&shared, &cfg, &slots, &tasks, &mut conn).await;
+            reclaim(&mail, &cfg, &slots, &tasks).await;
         }
         if last_sample.elapsed() >= Duration::from_secs(1) {
             last_sample = Instant::now();
-            if let Ok(len) = redis::cmd("XLEN")
-                .arg(&mail.queue.stream)
-                .query_async::<u64>(&mut conn)
-                .await
-            {
+            if let Ok(len) = mail.queue.depth(backend).await {
                 mail.counters.queue_depth.store(len, Ordering::Relaxed);
             }
-            let sent = mail.counters.sent.load(Ordering::Relaxed);
+            let sent = mail.counters.sent.get();
             samples.push_back((Instant::now(), sent));
             while samples.len() > 11 {
                 samples.pop_front();
@@ -539,64 +411,43 @@ async fn janitor(
 /// XAUTOCLAIM entries idle longer than `claim_idle_ms` (their consumer died), as many
 /// as there are free delivery slots.
 async fn reclaim(
-    shared: &Arc<Shared>,
+    mail: &Arc<MailService>,
     cfg: &MailConfig,
     slots: &Arc<Semaphore>,
     tasks: &TaskTracker,
-    conn: &mut redis::aio::ConnectionManager,
 ) {
-    let mail = &shared.mail;
     let mut cursor = "0-0".to_owned();
     loop {
         let free = slots.available_permits().min(100);
         if free == 0 {
             return;
         }
-        let v: Value = match redis::cmd("XAUTOCLAIM")
-            .arg(&mail.queue.stream)
-            .arg(GROUP)
-            .arg(&mail.consumer)
-            .arg(cfg.claim_idle_ms)
-            .arg(&cursor)
-            .arg("COUNT")
-            .arg(free)
-            .query_async(conn)
+        let Ok(claimed) = mail
+            .queue
+            .claim_abandoned(
+                &mail.backend,
+                &mail.consumer,
+                cfg.claim_idle_ms,
+                &cursor,
+                free,
+            )
             .await
-        {
-            Ok(v) => v,
-            Err(_) => return,
+        else {
+            return;
         };
-        let Value::Array(parts) = &v else { return };
-        let next = parts
-            .first()
-            .and_then(as_string)
-            .unwrap_or_else(|| "0-0".into());
-        let claimed = parts.get(1).map(entries_of).unwrap_or_default();
-        // Entries deleted from the stream while pending: nothing to deliver, but they
-        // must leave the pending list.
-        if let Some(Value::Array(deleted)) = parts.get(2)
-            && !deleted.is_empty()
-        {
-            let mut ack = redis::cmd("XACK");
-            ack.arg(&mail.queue.stream).arg(GROUP);
-            for d in deleted.iter().filter_map(as_string) {
-                ack.arg(d);
-            }
-            let _: redis::RedisResult<Value> = ack.query_async(conn).await;
-        }
-        for entry in claimed {
+        for entry in claimed.entries {
             tracing::info!(mail_id = %entry.mail_id, entry_id = %entry.id, "reclaimed an entry left pending by a dead consumer");
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 // No slot after all: it stays claimed by us, idle, and is taken again
                 // on a later round.
                 continue;
             };
-            spawn_delivery(shared, cfg, tasks, entry, permit, true);
+            spawn_delivery(mail, cfg, tasks, entry, permit, true);
         }
-        if next == "0-0" {
+        if claimed.cursor == "0-0" {
             return;
         }
-        cursor = next;
+        cursor = claimed.cursor;
     }
 }
 

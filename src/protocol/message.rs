@@ -129,14 +129,6 @@ impl Request {
             .map(|(_, v)| &self.frame[v.clone()])
     }
 
-    /// The raw bytes of a field as a zero-copy slice of the frame.
-    pub fn raw_bytes(&self, name: &str) -> Option<Bytes> {
-        self.fields
-            .iter()
-            .find(|(k, _)| &self.frame[k.clone()] == name.as_bytes())
-            .map(|(_, v)| self.frame.slice(v.clone()))
-    }
-
     /// The head of an optional field; an explicit nil is the same as absent.
     fn head(&self, name: &str) -> Option<Head<'_>> {
         let raw = self.raw(name)?;
@@ -245,8 +237,12 @@ impl Request {
     }
 }
 
-/// Builds the `result` of a successful response.
-pub type ResultWriter = Writer;
+/// Encodes a typed `result` (rare ops: stats, health, mail) as a MessagePack map with
+/// field names. Hot ops (cache) write their results with [`Writer`] directly.
+pub fn encode_result<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, OpError> {
+    rmp_serde::to_vec_named(value)
+        .map_err(|e| OpError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
+}
 
 /// One encoded response body (the frame codec adds the length prefix).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ pub mod msgpack;
 
 pub use error::{ErrorCode, OpError};
 pub use frame::{FrameCodec, FrameError, encode_frame};
-pub use message::{Request, RequestError, Response, ResultWriter};
+pub use message::{Request, RequestError, Response, encode_result};
 
 /// The protocol version `hello` negotiates. Bumped only for a breaking change; new ops
 /// and new optional fields are added without bumping it (see protocol.md).

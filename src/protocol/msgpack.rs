@@ -272,6 +272,11 @@ impl Writer {
         self
     }
 
+    pub fn float(&mut self, v: f64) -> &mut Self {
+        let _ = rmp::encode::write_f64(&mut self.buf, v);
+        self
+    }
+
     pub fn bool(&mut self, v: bool) -> &mut Self {
         let _ = rmp::encode::write_bool(&mut self.buf, v);
         self
@@ -286,11 +291,6 @@ impl Writer {
     pub fn raw(&mut self, value: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(value);
         self
-    }
-
-    /// A `key: value` pair with a str key; the value is written by the closure.
-    pub fn key(&mut self, k: &str) -> &mut Self {
-        self.str(k)
     }
 }
 

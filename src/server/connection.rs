@@ -1,33 +1,36 @@
 //! One task per connection. It reads frames, runs up to `max_inflight_per_conn`
 //! requests concurrently, and writes responses as they complete (in any order).
 //!
-//! Backpressure: at the in-flight bound the task stops reading, and while the client
-//! is not reading its responses the task blocks in the write, so a connection never
-//! holds more than the bound's worth of requests plus one socket buffer.
+//! Responses coalesce in an output buffer: the socket gets one write per wake-up of
+//! this task, not one per response. Why it matters: a Unix socket charges about 1 KiB
+//! of buffer per write however small, so a daemon that writes each 25-byte answer on
+//! its own fills the client's receive side after a few hundred answers; a client that
+//! pipelines its requests in many small writes before it reads then deadlocks with
+//! the daemon (both blocked in a write).
+//!
+//! Backpressure: the task stops reading the socket while `max_inflight_per_conn`
+//! requests (or `max_inflight_bytes_per_conn` of request frames) are in flight, or
+//! while `max_output_bytes_per_conn` of responses wait to be written (the client is
+//! not reading). So a connection never holds more than those bounds (plus one frame
+//! and one response) however the client behaves, and while the client does read, it
+//! may write up to `max_inflight_per_conn` requests before reading anything.
 
+use std::io::ErrorKind;
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use tokio::net::UnixStream;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use super::Shared;
 use super::dispatch;
-use super::{Peer, Shared};
+use crate::peer::Peer;
 use crate::protocol::{ErrorCode, FrameCodec, FrameError, OpError, Request, Response};
-use crate::stats::Stats;
-
-/// Sends one error frame with a nil id and closes: for refusals right after accept.
-pub(crate) async fn refuse(stream: UnixStream, err: OpError) {
-    let mut writer = FramedWrite::new(stream, FrameCodec::new(usize::MAX));
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        writer.send(Response::error(None, &err).0),
-    )
-    .await;
-}
 
 /// A connection task yields to the runtime after reading this many requests in a row.
 /// Without it, a pipelined burst is parsed and started in full before any other task
@@ -36,6 +39,76 @@ pub(crate) async fn refuse(stream: UnixStream, err: OpError) {
 /// (64 in flight, one runtime thread): mail.send 20k/s without, 41-48k/s with 16;
 /// cache.get unchanged (BENCHMARKS.md).
 const YIELD_EVERY: usize = 16;
+/// An idle connection's output buffer keeps at most this much capacity, so a burst
+/// of large answers does not pin memory for the life of the connection.
+const KEEP_CAPACITY: usize = 64 * 1024;
+/// How long the last answers may take to drain once the connection is closing.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// Sends one error frame with a nil id and closes: for refusals right after accept.
+pub(crate) async fn refuse(stream: UnixStream, err: OpError) {
+    let (_, wr) = stream.into_split();
+    let mut out = Output::new(wr, usize::MAX);
+    out.push(&Response::error(None, &err));
+    let _ = tokio::time::timeout(FINAL_FLUSH, out.drain()).await;
+}
+
+/// The responses waiting to be written, and the socket they go to.
+struct Output {
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Output {
+    fn new(wr: OwnedWriteHalf, max: usize) -> Output {
+        Output {
+            wr,
+            buf: BytesMut::new(),
+            max,
+        }
+    }
+
+    fn push(&mut self, response: &Response) {
+        self.buf.reserve(4 + response.0.len());
+        self.buf.put_u32(response.0.len() as u32);
+        self.buf.extend_from_slice(&response.0);
+    }
+
+    fn pending(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Whether the client is far enough behind that reading must pause.
+    fn full(&self) -> bool {
+        self.buf.len() >= self.max
+    }
+
+    /// Writes as much as the socket takes now, without waiting.
+    fn write_now(&mut self) -> std::io::Result<()> {
+        while !self.buf.is_empty() {
+            match self.wr.try_write(&self.buf) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => self.buf.advance(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        if self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Waits until everything is written.
+    async fn drain(&mut self) -> std::io::Result<()> {
+        while self.pending() {
+            self.wr.writable().await?;
+            self.write_now()?;
+        }
+        Ok(())
+    }
+}
 
 pub(crate) async fn serve(
     stream: UnixStream,
@@ -43,17 +116,18 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let (max_frame, max_inflight, max_inflight_bytes) = {
+    let (max_frame, max_inflight, max_inflight_bytes, max_output) = {
         let cfg = shared.config.load();
         (
             cfg.server.max_frame_bytes as usize,
             cfg.server.max_inflight_per_conn as usize,
             cfg.server.max_inflight_bytes_per_conn as usize,
+            cfg.server.max_output_bytes_per_conn as usize,
         )
     };
     let (rd, wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
-    let mut writer = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
+    let mut out = Output::new(wr, max_output);
     let mut inflight = FuturesUnordered::new();
     // Bytes of request frames held by in-flight requests (a flood of large values
     // stops the reading before it costs memory).
@@ -65,30 +139,37 @@ pub(crate) async fn serve(
     loop {
         if draining && inflight.is_empty() {
             // Frames that already arrived whole are "read": they get an answer.
-            answer_buffered(&mut reader, &mut writer, &shared).await;
+            answer_buffered(&mut reader, &mut out, &shared);
             break;
         }
         if !reading && inflight.is_empty() {
             break;
         }
+        let may_read = reading
+            && inflight.len() < max_inflight
+            && inflight_bytes < max_inflight_bytes
+            && !out.full();
+        // Biased: finished requests first, then reading while there is input, and
+        // writing last, so everything this wake-up produced goes out in one write.
         tokio::select! {
             biased;
-            Some(first) = inflight.next(), if !inflight.is_empty() => {
-                if write_batch(&mut writer, first, &mut inflight, &mut inflight_bytes).await.is_err() {
-                    return;
+            Some((response, len)) = inflight.next(), if !inflight.is_empty() => {
+                inflight_bytes -= len;
+                out.push(&response);
+                while let Some(Some((response, len))) = inflight.next().now_or_never() {
+                    inflight_bytes -= len;
+                    out.push(&response);
                 }
             }
             _ = shutdown.cancelled(), if !draining => draining = true,
-            frame = reader.next(), if reading
-                && inflight.len() < max_inflight
-                && inflight_bytes < max_inflight_bytes => {
+            frame = reader.next(), if may_read => {
                 let response = match frame {
                     None => {
                         reading = false;
                         continue;
                     }
                     Some(Ok(frame)) => {
-                        Stats::bump(&shared.stats.requests);
+                        shared.stats.requests.inc();
                         since_yield += 1;
                         if since_yield >= YIELD_EVERY {
                             since_yield = 0;
@@ -107,14 +188,14 @@ pub(crate) async fn serve(
                                     None
                                 }
                                 Err(bad) => {
-                                    Stats::bump(&shared.stats.errors);
+                                    shared.stats.errors.inc();
                                     Some(Response::error(bad.id, &bad.error))
                                 }
                             }
                         }
                     }
                     Some(Err(FrameError::TooLarge { len, max })) => {
-                        Stats::bump(&shared.stats.errors);
+                        shared.stats.errors.inc();
                         let err = OpError::new(
                             ErrorCode::TooLarge,
                             format!("frame of {len} bytes exceeds max_frame_bytes ({max}); closing the connection"),
@@ -129,55 +210,36 @@ pub(crate) async fn serve(
                         None
                     }
                 };
-                if let Some(response) = response
-                    && writer.send(response.0).await.is_err()
-                {
+                if let Some(response) = response {
+                    out.push(&response);
+                }
+            }
+            ready = out.wr.writable(), if out.pending() => {
+                if ready.and_then(|()| out.write_now()).is_err() {
                     return;
                 }
             }
         }
     }
-    let _ = writer.flush().await;
+    let _ = tokio::time::timeout(FINAL_FLUSH, out.drain()).await;
 }
 
-/// Writes one response and every other one that is already complete, then flushes
-/// once: under pipelining this turns many small writes into one syscall.
-async fn write_batch<F>(
-    writer: &mut FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>,
-    first: (Response, usize),
-    inflight: &mut FuturesUnordered<F>,
-    inflight_bytes: &mut usize,
-) -> Result<(), FrameError>
-where
-    F: std::future::Future<Output = (Response, usize)>,
-{
-    *inflight_bytes -= first.1;
-    writer.feed(first.0.0).await?;
-    while let Some(Some((next, len))) = inflight.next().now_or_never() {
-        *inflight_bytes -= len;
-        writer.feed(next.0).await?;
-    }
-    writer.flush().await
-}
-
-async fn answer_buffered(
-    reader: &mut FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec>,
-    writer: &mut FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>,
+fn answer_buffered(
+    reader: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    out: &mut Output,
     shared: &Shared,
 ) {
     use tokio_util::codec::Decoder;
     let mut codec = reader.decoder().clone();
     while let Ok(Some(frame)) = codec.decode(reader.read_buffer_mut()) {
-        Stats::bump(&shared.stats.requests);
-        if writer.feed(shutting_down(shared, &frame).0).await.is_err() {
-            return;
-        }
+        shared.stats.requests.inc();
+        out.push(&shutting_down(shared, &frame));
     }
 }
 
 /// The answer to a request read after shutdown began: same id if it has one.
 fn shutting_down(shared: &Shared, frame: &Bytes) -> Response {
-    Stats::bump(&shared.stats.errors);
+    shared.stats.errors.inc();
     let id = Request::parse(frame.clone()).ok().map(|r| r.id);
     Response::error(
         id,

@@ -1,66 +1,56 @@
 //! The dispatch table: op name → handler. Handlers take a decoded [`Request`] and
 //! return the encoded `result` or an [`OpError`]; they never see the socket.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Peer, Shared};
+use super::Shared;
+use crate::peer::Peer;
 use crate::protocol::msgpack::Writer;
-use crate::protocol::{ErrorCode, OpError, PROTOCOL_VERSION, Request, Response};
-use crate::stats::{CoreSnapshot, Stats};
+use crate::protocol::{ErrorCode, OpError, PROTOCOL_VERSION, Request, Response, encode_result};
+use crate::service::{OpResult, RequestCtx};
+use crate::stats::{Sample, encode_map, prometheus_text};
 
-/// The core ops; each service module lists its own (`hello` reports them all).
+/// The server's own ops; each service lists its own (`hello` reports them all).
 pub const CORE_OPS: &[&str] = &["hello", "ping", "stats", "health"];
-
-/// Every op this server answers, as `hello` reports them.
-pub fn all_ops() -> Vec<&'static str> {
-    let mut ops = CORE_OPS.to_vec();
-    ops.extend_from_slice(crate::cache::OPS);
-    ops.extend_from_slice(crate::mail::OPS);
-    ops
-}
 
 /// `ping {delay_ms}` is capped so a client cannot park a request for ever.
 const MAX_PING_DELAY_MS: u64 = 60_000;
 
-type OpResult = Result<Vec<u8>, OpError>;
-
 /// Handles one request and turns the outcome into a response, counting it.
 pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Response {
-    shared.stats.inflight.fetch_add(1, Ordering::Relaxed);
+    // A guard, not a pair of calls: a client that hangs up drops this future
+    // half-way, and the gauge must still come down.
+    let _inflight = shared.stats.inflight.enter();
+    let config = shared.config.load_full();
+    let ctx = RequestCtx {
+        peer,
+        config: &config,
+    };
     let result = match req.op() {
         "hello" => hello(shared, &req),
         "ping" => ping(&req).await,
         // Rare ops with large futures are boxed, so that every in-flight request (its
         // future is moved into the connection's FuturesUnordered) stays small.
-        "stats" => Box::pin(stats(shared)).await,
+        "stats" => Box::pin(stats(shared, &req)).await,
         "health" => Box::pin(health(shared)).await,
-        op if op.starts_with("cache.") => {
-            let cfg = shared.config.load();
-            shared.cache.handle(&cfg.cache, peer, &req).await
-        }
-        op if op.starts_with("mail.") => Box::pin(crate::mail::handle(shared, &req)).await,
-        other => Err(OpError::new(
-            ErrorCode::UnknownOp,
-            format!("unknown op `{other}`; `hello` lists the ops this server knows"),
-        )
-        .with_field("op")),
+        op => match shared.service_for(op) {
+            Some(service) => service.handle(ctx, &req).await,
+            None => Err(OpError::new(
+                ErrorCode::UnknownOp,
+                format!("unknown op `{op}`; `hello` lists the ops this server knows"),
+            )
+            .with_field("op")),
+        },
     };
-    shared.stats.inflight.fetch_sub(1, Ordering::Relaxed);
     match result {
         Ok(body) => Response::ok(req.id, &body),
         Err(err) => {
-            Stats::bump(&shared.stats.errors);
+            shared.stats.errors.inc();
             Response::error(Some(req.id), &err)
         }
     }
-}
-
-fn encode<T: Serialize>(value: &T) -> OpResult {
-    rmp_serde::to_vec_named(value)
-        .map_err(|e| OpError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
 }
 
 #[derive(Serialize)]
@@ -85,12 +75,12 @@ fn hello(shared: &Shared, req: &Request) -> OpResult {
     // Optional and informational only; still type-checked like every field.
     let _client = req.opt_str("client")?;
     let cfg = shared.config.load();
-    encode(&Hello {
+    encode_result(&Hello {
         protocol: (wanted as u64).min(PROTOCOL_VERSION),
         server: format!("satchel/{}", env!("CARGO_PKG_VERSION")),
         max_frame: cfg.server.max_frame_bytes,
         max_inflight: cfg.server.max_inflight_per_conn,
-        ops: all_ops(),
+        ops: shared.ops(),
     })
 }
 
@@ -109,51 +99,35 @@ async fn ping(req: &Request) -> OpResult {
     Ok(w.into_vec())
 }
 
-#[derive(Serialize)]
-struct RedisStats<'a> {
-    connected: bool,
-    url: &'a str,
+/// Every sample of the daemon, in `stats` order: the server's, Redis', then each
+/// service's section.
+pub async fn samples(shared: &Shared) -> Vec<Sample> {
+    let mut all = shared.stats.samples();
+    all.push(Sample::gauge("redis.connected", shared.backend.is_up()));
+    all.push(Sample::info("redis.url", shared.backend.url()));
+    for service in shared.services() {
+        all.extend(service.stats().await);
+    }
+    all
 }
 
-#[derive(Serialize)]
-struct StatsResult<'a> {
-    uptime_ms: u64,
-    connections: u64,
-    connections_total: u64,
-    connections_refused: u64,
-    requests: u64,
-    errors: u64,
-    inflight: u64,
-    redis: RedisStats<'a>,
-    cache: crate::cache::CacheStatsSnapshot,
-    mail: crate::mail::MailStats,
-}
-
-async fn stats(shared: &Shared) -> OpResult {
-    let CoreSnapshot {
-        uptime_ms,
-        connections,
-        connections_total,
-        connections_refused,
-        requests,
-        errors,
-        inflight,
-    } = shared.stats.snapshot();
-    encode(&StatsResult {
-        uptime_ms,
-        connections,
-        connections_total,
-        connections_refused,
-        requests,
-        errors,
-        inflight,
-        redis: RedisStats {
-            connected: shared.backend.is_up(),
-            url: shared.backend.url(),
-        },
-        cache: shared.cache.stats.snapshot(),
-        mail: crate::mail::stats(shared).await,
-    })
+/// `stats {format?}`: the samples as nested maps, or (`format: "prometheus"`) as
+/// the Prometheus text format in one str.
+async fn stats(shared: &Shared, req: &Request) -> OpResult {
+    let format = req.opt_str("format")?;
+    let all = samples(shared).await;
+    match format {
+        None | Some("map") => Ok(encode_map(&all)),
+        Some("prometheus") => {
+            let mut w = Writer::new();
+            w.str(&prometheus_text(&all));
+            Ok(w.into_vec())
+        }
+        Some(other) => Err(OpError::bad_request(
+            "format",
+            format!("format must be \"map\" or \"prometheus\", got {other:?}"),
+        )),
+    }
 }
 
 #[derive(Serialize)]
@@ -171,7 +145,7 @@ struct RedisHealth {
 async fn health(shared: &Shared) -> OpResult {
     let started = Instant::now();
     let _: String = shared.backend.query(&redis::cmd("PING")).await?;
-    encode(&Health {
+    encode_result(&Health {
         redis: RedisHealth {
             connected: true,
             latency_us: started.elapsed().as_micros() as u64,

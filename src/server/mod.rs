@@ -9,10 +9,10 @@ mod connection;
 mod dispatch;
 mod socket;
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,43 +20,53 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use dispatch::all_ops;
-
 use crate::backend::{Backend, BackendError};
 use crate::cache::CacheService;
 use crate::config::Config;
+use crate::mail::MailService;
+use crate::peer::Peer;
 use crate::protocol::{ErrorCode, OpError};
-use crate::stats::Stats;
+use crate::service::Service;
+use crate::stats::ServerStats;
 
-/// Who is on the other end of a connection (SO_PEERCRED), for access decisions and
-/// per-uid key spaces.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Peer {
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
+/// State shared by all connections.
+pub struct Shared {
+    /// The live configuration; SIGHUP swaps it.
+    pub config: Arc<ArcSwap<Config>>,
+    pub backend: Arc<Backend>,
+    pub stats: ServerStats,
+    services: Vec<Arc<dyn Service>>,
+    /// op name → index into `services`.
+    routes: HashMap<&'static str, usize>,
 }
 
-impl Peer {
-    fn of(stream: &UnixStream) -> Peer {
-        match stream.peer_cred() {
-            Ok(cred) => Peer {
-                uid: Some(cred.uid()),
-                gid: Some(cred.gid()),
-            },
-            Err(_) => Peer::default(),
-        }
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("backend", &self.backend)
+            .field("ops", &self.routes.len())
+            .finish_non_exhaustive()
     }
 }
 
-/// State shared by all connections.
-#[derive(Debug)]
-pub struct Shared {
-    /// The live configuration; SIGHUP swaps it.
-    pub config: ArcSwap<Config>,
-    pub backend: Arc<Backend>,
-    pub stats: Stats,
-    pub cache: Arc<CacheService>,
-    pub mail: crate::mail::MailService,
+impl Shared {
+    /// The service that answers `op`, if any.
+    pub fn service_for(&self, op: &str) -> Option<&Arc<dyn Service>> {
+        self.routes.get(op).map(|&i| &self.services[i])
+    }
+
+    pub fn services(&self) -> &[Arc<dyn Service>] {
+        &self.services
+    }
+
+    /// Every op this server answers, as `hello` reports them.
+    pub fn ops(&self) -> Vec<&'static str> {
+        let mut ops = dispatch::CORE_OPS.to_vec();
+        for s in &self.services {
+            ops.extend_from_slice(s.ops());
+        }
+        ops
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +77,8 @@ pub enum ServerError {
     Activation(std::io::Error),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("mail transport: {0}")]
-    Mail(String),
+    #[error("cannot start a service: {0}")]
+    Service(String),
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -85,7 +95,6 @@ impl Server {
     /// makes one attempt to reach Redis (the daemon starts either way).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let backend = Backend::new(&config.redis)?;
-        let mail = crate::mail::MailService::new(&config).map_err(ServerError::Mail)?;
         let (listener, owned_path) =
             match crate::systemd::activated_listener().map_err(ServerError::Activation)? {
                 Some(std_listener) => {
@@ -105,15 +114,28 @@ impl Server {
             };
         let connect = tokio::time::timeout(config.redis.connect_timeout(), backend.probe());
         let _ = connect.await;
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let services: Vec<Arc<dyn Service>> = vec![
+            CacheService::new(backend.clone()),
+            MailService::new(backend.clone(), config.clone()).map_err(ServerError::Service)?,
+        ];
+        let mut routes = HashMap::new();
+        for (i, service) in services.iter().enumerate() {
+            for op in service.ops() {
+                if routes.insert(*op, i).is_some() || dispatch::CORE_OPS.contains(op) {
+                    return Err(ServerError::Service(format!("op {op} is claimed twice")));
+                }
+            }
+        }
         Ok(Server {
             listener,
             owned_path,
             shared: Arc::new(Shared {
-                config: ArcSwap::from_pointee(config),
-                cache: CacheService::new(backend.clone()),
+                config,
                 backend,
-                stats: Stats::default(),
-                mail,
+                stats: ServerStats::default(),
+                services,
+                routes,
             }),
         })
     }
@@ -131,13 +153,9 @@ impl Server {
                 .clone()
                 .run_health(shutdown.child_token()),
         );
-        self.shared.cache.start(&tasks, &shutdown);
-        self.shared.mail.enqueuer.start(&tasks);
-        tasks.spawn(crate::mail::worker::run(
-            self.shared.clone(),
-            shutdown.child_token(),
-            tasks.clone(),
-        ));
+        for service in &self.shared.services {
+            service.clone().start(&tasks, &shutdown);
+        }
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -162,14 +180,14 @@ impl Server {
         let shared = self.shared.clone();
         let cfg = shared.config.load();
         let peer = Peer::of(&stream);
-        if let Some(err) = check_peer(&peer, &cfg.server) {
-            Stats::bump(&shared.stats.connections_refused);
+        if let Some(err) = peer.refusal(&cfg.server) {
+            shared.stats.connections_refused.inc();
             tasks.spawn(connection::refuse(stream, err));
             return;
         }
-        let open = shared.stats.connections.load(Ordering::Relaxed);
+        let open = shared.stats.connections.get();
         if open >= cfg.server.max_connections {
-            Stats::bump(&shared.stats.connections_refused);
+            shared.stats.connections_refused.inc();
             let err = OpError::new(
                 ErrorCode::Unavailable,
                 format!(
@@ -181,33 +199,13 @@ impl Server {
             tasks.spawn(connection::refuse(stream, err));
             return;
         }
-        Stats::bump(&shared.stats.connections);
-        Stats::bump(&shared.stats.connections_total);
+        // Counted here, not in the task: a burst of accepts must see each other.
+        let open = shared.stats.connections.enter_owned();
+        shared.stats.connections_total.inc();
         let token = shutdown.child_token();
         tasks.spawn(async move {
-            connection::serve(stream, peer, shared.clone(), token).await;
-            Stats::drop_one(&shared.stats.connections);
+            connection::serve(stream, peer, shared, token).await;
+            drop(open);
         });
-    }
-}
-
-/// SO_PEERCRED check against `allow_uids` / `allow_gids`.
-fn check_peer(peer: &Peer, cfg: &crate::config::ServerConfig) -> Option<OpError> {
-    if cfg.allow_uids.is_empty() && cfg.allow_gids.is_empty() {
-        return None;
-    }
-    let (Some(uid), Some(gid)) = (peer.uid, peer.gid) else {
-        return Some(OpError::new(
-            ErrorCode::Forbidden,
-            "cannot read the peer's credentials",
-        ));
-    };
-    if cfg.allow_uids.contains(&uid) || cfg.allow_gids.contains(&gid) {
-        None
-    } else {
-        Some(OpError::new(
-            ErrorCode::Forbidden,
-            format!("uid {uid} / gid {gid} is not in allow_uids or allow_gids"),
-        ))
     }
 }

@@ -3,11 +3,27 @@
 //!
 //! The defaults serve a developer with no file at all: a socket under
 //! `$XDG_RUNTIME_DIR` and the Redis on localhost.
+//!
+//! This module is a leaf: it imports nothing from the services. Values that need
+//! parsing (`mail.smtp_url`, the transport choice, files named by the config) are
+//! parsed or read once, here, so a service gets typed values and never a string to
+//! re-parse.
+
+mod mail;
+mod smtp_url;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use mail::{MailConfig, OnRedisDown, TransportChoice, TransportKind};
+pub use smtp_url::{SmtpUrl, TlsMode};
+
+/// Longest lease a `cache.fetch` may ask for; tag-invalidation records live this long.
+pub const MAX_LEASE_MS: u64 = 600_000;
+/// Longest a `cache.fetch` may wait for another caller's fill.
+pub const MAX_WAIT_MS: u64 = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -38,7 +54,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
-    pub mail: crate::mail::MailConfig,
+    pub mail: MailConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +71,9 @@ pub struct ServerConfig {
     /// Bytes of request frames one connection may have in flight; at the bound the
     /// daemon stops reading that socket (one frame over the bound is always let in).
     pub max_inflight_bytes_per_conn: u64,
+    /// Bytes of responses one connection may have waiting to be written; while more
+    /// wait, the daemon stops reading that socket (the client is not reading).
+    pub max_output_bytes_per_conn: u64,
     pub max_connections: u64,
     pub shutdown_timeout_ms: u64,
     /// Threads of the async runtime; 0 = one per CPU core. One is the default: the
@@ -119,17 +138,27 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// The socket path used when none is configured: under `$XDG_RUNTIME_DIR` for a
-/// developer, `/run/satchel` for root (as the shipped units), else a per-uid dir in /tmp.
+/// The socket path used when none is configured, for this process.
 pub fn default_socket_path() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("satchel/satchel.sock");
-    }
-    let uid = nix::unistd::getuid().as_raw();
+    default_socket_path_for(
+        nix::unistd::getuid().as_raw(),
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+    )
+}
+
+/// The one rule (protocol.md, "Transport"), shared by the daemon and every client:
+/// root uses the system path the shipped units use, `/run/satchel/satchel.sock`,
+/// whatever its environment says (a root shell with `XDG_RUNTIME_DIR=/run/user/0`
+/// must still reach the system daemon); anyone else uses
+/// `$XDG_RUNTIME_DIR/satchel/satchel.sock` when that variable is set and non-empty,
+/// else `/tmp/satchel-<uid>/satchel.sock`.
+pub fn default_socket_path_for(uid: u32, xdg_runtime_dir: Option<&std::ffi::OsStr>) -> PathBuf {
     if uid == 0 {
-        PathBuf::from("/run/satchel/satchel.sock")
-    } else {
-        PathBuf::from(format!("/tmp/satchel-{uid}/satchel.sock"))
+        return PathBuf::from("/run/satchel/satchel.sock");
+    }
+    match xdg_runtime_dir.filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("satchel/satchel.sock"),
+        None => PathBuf::from(format!("/tmp/satchel-{uid}/satchel.sock")),
     }
 }
 
@@ -142,6 +171,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 8 * 1024 * 1024,
             max_inflight_per_conn: 1024,
             max_inflight_bytes_per_conn: 4 * 1024 * 1024,
+            max_output_bytes_per_conn: 4 * 1024 * 1024,
             max_connections: 1024,
             shutdown_timeout_ms: 10_000,
             worker_threads: 1,
@@ -217,15 +247,25 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        let config: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: path
-                    .map(Path::to_owned)
-                    .unwrap_or_else(|| "<environment>".into()),
-                message: e.message().to_owned(),
+        // serde_path_to_error names the key a bad value sits at ("mail.transport:
+        // unknown variant `pigeon`…"), which toml's own error leaves out.
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e: serde_path_to_error::Error<toml::de::Error>| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_owned();
+                ConfigError::Parse {
+                    path: path
+                        .map(Path::to_owned)
+                        .unwrap_or_else(|| "<environment>".into()),
+                    message: if key == "." || message.starts_with(&key) {
+                        message
+                    } else {
+                        format!("`{key}`: {message}")
+                    },
+                }
             })?;
         config.validate()?;
+        config.mail.read_files()?;
         Ok(config)
     }
 
@@ -268,6 +308,12 @@ impl Config {
             return Err(invalid(
                 "server.max_inflight_bytes_per_conn",
                 "must be at least 1",
+            ));
+        }
+        if s.max_output_bytes_per_conn < 64 * 1024 {
+            return Err(invalid(
+                "server.max_output_bytes_per_conn",
+                "must be at least 65536",
             ));
         }
         if s.max_connections == 0 {
@@ -313,16 +359,16 @@ impl Config {
         if c.default_ttl_ms == 0 {
             return Err(invalid("cache.default_ttl_ms", "must be at least 1"));
         }
-        if c.lease_ms == 0 || c.lease_ms > crate::cache::MAX_LEASE_MS {
+        if c.lease_ms == 0 || c.lease_ms > MAX_LEASE_MS {
             return Err(invalid(
                 "cache.lease_ms",
-                format!("must be between 1 and {}", crate::cache::MAX_LEASE_MS),
+                format!("must be between 1 and {}", MAX_LEASE_MS),
             ));
         }
-        if c.wait_ms > crate::cache::MAX_WAIT_MS {
+        if c.wait_ms > MAX_WAIT_MS {
             return Err(invalid(
                 "cache.wait_ms",
-                format!("must be at most {}", crate::cache::MAX_WAIT_MS),
+                format!("must be at most {}", MAX_WAIT_MS),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

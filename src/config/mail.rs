@@ -2,11 +2,32 @@
 //! working queue that writes `.eml` files; set `smtp_url` to deliver over SMTP.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use super::{ConfigError, SmtpUrl};
+
+/// `mail.transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// SMTP when `smtp_url` is set, else `.eml` files.
+    Auto,
+    Smtp,
+    File,
+}
+
+/// `mail.on_redis_down`: what `mail.send` does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisDown {
+    /// Answer `UNAVAILABLE`.
+    Error,
+    /// Send synchronously over the transport.
+    Direct,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -16,13 +37,16 @@ pub struct MailConfig {
     pub enabled: bool,
     /// The `From` of a `mail.send` that names none.
     pub from: String,
-    /// `"smtp"`, `"file"`, or `"auto"` (= smtp when `smtp_url` is set, else file).
-    pub transport: String,
+    pub transport: TransportChoice,
     /// `smtp://[user:pass@]host[:port][?tls=required|opportunistic|none]` (port 25,
-    /// default tls opportunistic) or `smtps://…` (implicit TLS, port 465).
-    pub smtp_url: String,
+    /// default tls opportunistic) or `smtps://…` (implicit TLS, port 465); `""` = none.
+    #[serde(with = "optional_smtp_url")]
+    pub smtp_url: Option<SmtpUrl>,
     /// Extra PEM root certificates to trust for SMTP TLS (e.g. a test or internal CA).
     pub tls_ca_file: String,
+    /// The contents of `tls_ca_file`, read once when the config is loaded.
+    #[serde(skip)]
+    pub tls_ca_pem: Option<Arc<Vec<u8>>>,
     /// Where the file transport writes `<mail_id>.eml`.
     pub file_dir: PathBuf,
     /// Deliveries in flight per daemon.
@@ -39,9 +63,31 @@ pub struct MailConfig {
     pub status_retention_ms: u64,
     pub smtp_connect_timeout_ms: u64,
     pub smtp_command_timeout_ms: u64,
-    /// `"error"`: `mail.send` answers UNAVAILABLE while Redis is down; `"direct"`: it
-    /// sends synchronously over the transport instead.
-    pub on_redis_down: String,
+    pub on_redis_down: OnRedisDown,
+}
+
+/// `smtp_url` in the file and the environment is a string, `""` meaning none.
+mod optional_smtp_url {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::SmtpUrl;
+
+    pub fn serialize<S: Serializer>(url: &Option<SmtpUrl>, s: S) -> Result<S::Ok, S::Error> {
+        match url {
+            Some(u) => u.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SmtpUrl>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        SmtpUrl::try_from(text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for MailConfig {
@@ -49,9 +95,10 @@ impl Default for MailConfig {
         MailConfig {
             enabled: true,
             from: "satchel@localhost".into(),
-            transport: "auto".into(),
-            smtp_url: String::new(),
+            transport: TransportChoice::Auto,
+            smtp_url: None,
             tls_ca_file: String::new(),
+            tls_ca_pem: None,
             file_dir: std::env::temp_dir().join("satchel-mail"),
             concurrency: 16,
             rate_per_sec: 0,
@@ -64,7 +111,7 @@ impl Default for MailConfig {
             status_retention_ms: 7 * 24 * 3600 * 1000,
             smtp_connect_timeout_ms: 10_000,
             smtp_command_timeout_ms: 60_000,
-            on_redis_down: "error".into(),
+            on_redis_down: OnRedisDown::Error,
         }
     }
 }
@@ -85,31 +132,38 @@ pub enum TransportKind {
 
 impl MailConfig {
     pub fn transport_kind(&self) -> TransportKind {
-        match self.transport.as_str() {
-            "smtp" => TransportKind::Smtp,
-            "file" => TransportKind::File,
-            _ if self.smtp_url.is_empty() => TransportKind::File,
-            _ => TransportKind::Smtp,
+        match self.transport {
+            TransportChoice::Smtp => TransportKind::Smtp,
+            TransportChoice::File => TransportKind::File,
+            TransportChoice::Auto if self.smtp_url.is_none() => TransportKind::File,
+            TransportChoice::Auto => TransportKind::Smtp,
         }
+    }
+
+    /// Reads the files the section names, once, so that a missing or unreadable file
+    /// is an error at start (and at reload) that names it.
+    pub fn read_files(&mut self) -> Result<(), ConfigError> {
+        self.tls_ca_pem = None;
+        if !self.tls_ca_file.is_empty() {
+            let pem = std::fs::read(&self.tls_ca_file)
+                .map_err(|e| invalid("tls_ca_file", format!("{}: {e}", self.tls_ca_file)))?;
+            lettre::transport::smtp::client::Certificate::from_pem(&pem).map_err(|e| {
+                invalid(
+                    "tls_ca_file",
+                    format!("{}: not a PEM certificate: {e}", self.tls_ca_file),
+                )
+            })?;
+            self.tls_ca_pem = Some(Arc::new(pem));
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Err(e) = self.from.parse::<lettre::message::Mailbox>() {
             return Err(invalid("from", format!("not a mail address: {e}")));
         }
-        if !["auto", "smtp", "file"].contains(&self.transport.as_str()) {
-            return Err(invalid(
-                "transport",
-                "must be \"auto\", \"smtp\" or \"file\"",
-            ));
-        }
-        if self.transport == "smtp" && self.smtp_url.is_empty() {
+        if self.transport == TransportChoice::Smtp && self.smtp_url.is_none() {
             return Err(invalid("smtp_url", "required when transport = \"smtp\""));
-        }
-        if !self.smtp_url.is_empty()
-            && let Err(e) = super::transport::SmtpUrl::parse(&self.smtp_url)
-        {
-            return Err(invalid("smtp_url", e));
         }
         if self.transport_kind() == TransportKind::File && self.file_dir.as_os_str().is_empty() {
             return Err(invalid("file_dir", "must not be empty"));
@@ -147,13 +201,6 @@ impl MailConfig {
                 "idempotency_ttl_ms",
                 "must not exceed status_retention_ms",
             ));
-        }
-        if !["error", "direct"].contains(&self.on_redis_down.as_str()) {
-            return Err(invalid("on_redis_down", "must be \"error\" or \"direct\""));
-        }
-        if !self.tls_ca_file.is_empty() {
-            std::fs::read(&self.tls_ca_file)
-                .map_err(|e| invalid("tls_ca_file", format!("{}: {e}", self.tls_ca_file)))?;
         }
         Ok(())
     }

@@ -1,18 +1,32 @@
-//! The daemon's handle on Redis: one multiplexed connection (the redis crate's
-//! `ConnectionManager`, which reconnects by itself) plus a health gate.
+//! The only door to Redis. Every command, script, pipeline, stream read and
+//! subscription of the daemon goes through [`Backend`]; no other module holds a
+//! Redis connection.
 //!
-//! Why the gate: while Redis is down the manager would make every request wait for a
-//! fresh connection attempt. Instead, the first failure marks Redis down, requests then
-//! fail at once with `UNAVAILABLE`, and one background probe reconnects, at most four
-//! times a second, until a PING answers.
+//! - Shared traffic (cache ops, mail scripts) rides one multiplexed connection (the
+//!   redis crate's `ConnectionManager`, which reconnects by itself). Each command
+//!   takes an in-flight permit first: under overload requests wait here
+//!   (backpressure) instead of queueing inside the redis crate, where the wait would
+//!   count against the response timeout and look like a Redis outage.
+//! - Blocking reads (`XREADGROUP BLOCK`) get a [`Dedicated`] connection of their own
+//!   with no response timeout, so they never hold up the shared one.
+//! - Pub/sub gets its own connection too ([`Backend::subscribe`]).
+//!
+//! Every path classifies its errors the same way: a dropped, refused or stuck
+//! connection marks Redis down, so the next requests (cache or mail) fail at once
+//! with `UNAVAILABLE`, and one background probe reconnects, at most four times a
+//! second, until a PING answers.
+
+pub mod reply;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, IntoConnectionInfo};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, ScriptInvocation};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisConfig;
@@ -24,7 +38,7 @@ pub const RETRY_AFTER: Duration = Duration::from_millis(250);
 /// Probe interval while Redis is up (also keeps `stats.redis.connected` honest).
 const PROBE_INTERVAL_UP: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("redis is unavailable: {0}")]
     Unavailable(String),
@@ -32,6 +46,8 @@ pub enum BackendError {
     Timeout(Duration),
     #[error("redis error: {0}")]
     Redis(redis::RedisError),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
 }
 
 impl BackendError {
@@ -39,8 +55,21 @@ impl BackendError {
         match self {
             BackendError::Unavailable(_) => ErrorCode::Unavailable,
             BackendError::Timeout(_) => ErrorCode::Timeout,
-            BackendError::Redis(_) => ErrorCode::Internal,
+            BackendError::Redis(_) | BackendError::Reply(_) => ErrorCode::Internal,
         }
+    }
+
+    /// The Redis error code (`NOGROUP`, `BUSYGROUP`, …) of a command Redis refused.
+    pub fn redis_code(&self) -> Option<&str> {
+        match self {
+            BackendError::Redis(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// A reply that does not have the shape the caller expected.
+    pub fn reply(what: &str, got: &redis::Value) -> BackendError {
+        BackendError::Reply(format!("{what}: {got:?}"))
     }
 }
 
@@ -56,7 +85,7 @@ impl From<BackendError> for OpError {
     }
 }
 
-/// Shared by every connection task; cheap to clone through `Arc`.
+/// Shared by every connection task and service; cheap to clone through `Arc`.
 pub struct Backend {
     client: redis::Client,
     conn: ConnectionManager,
@@ -64,10 +93,8 @@ pub struct Backend {
     wake_probe: Notify,
     url: String,
     prefix: String,
+    connect_timeout: Duration,
     response_timeout: Duration,
-    /// Bounds commands queued on the shared connection: under overload, requests wait
-    /// here (backpressure) instead of queueing inside the redis crate, where the wait
-    /// would count against the response timeout and look like a Redis outage.
     inflight: Arc<Semaphore>,
     max_inflight: usize,
     /// How long a lone command busy-polls for its reply (`redis.spin_us`).
@@ -109,17 +136,12 @@ impl Backend {
             wake_probe: Notify::new(),
             url: cfg.url.clone(),
             prefix: cfg.prefix.clone(),
+            connect_timeout: cfg.connect_timeout(),
             response_timeout: cfg.response_timeout(),
             inflight: Arc::new(Semaphore::new(cfg.max_inflight as usize)),
             max_inflight: cfg.max_inflight as usize,
             spin: Duration::from_micros(cfg.spin_us),
         }))
-    }
-
-    /// The client, for connections that must not share the multiplexed one
-    /// (pub/sub, blocking reads).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
     }
 
     pub fn is_up(&self) -> bool {
@@ -135,10 +157,10 @@ impl Backend {
         &self.prefix
     }
 
-    /// A connection for a request, or `UNAVAILABLE` at once while Redis is down.
-    pub fn connection(&self) -> Result<ConnectionManager, BackendError> {
+    /// `UNAVAILABLE` at once while Redis is known to be down.
+    pub fn ensure_up(&self) -> Result<(), BackendError> {
         if self.is_up() {
-            Ok(self.conn.clone())
+            Ok(())
         } else {
             Err(BackendError::Unavailable(format!(
                 "no connection to {}; reconnecting",
@@ -147,34 +169,37 @@ impl Backend {
         }
     }
 
-    /// Maps a redis error, and marks Redis down when the error says the connection is
-    /// gone or stuck, so the next requests fail fast until the probe succeeds.
-    pub fn classify(&self, e: redis::RedisError) -> BackendError {
-        if e.is_timeout() {
-            self.mark_down(&e);
-            BackendError::Timeout(self.response_timeout)
-        } else if e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_unrecoverable_error()
-        {
-            self.mark_down(&e);
-            BackendError::Unavailable(e.to_string())
-        } else {
-            BackendError::Redis(e)
-        }
+    /// Runs one command.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, BackendError> {
+        self.run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await
     }
 
-    /// A slot for one command on the shared connection; hold it until the reply.
-    pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        self.inflight.clone().acquire_owned().await.ok()
+    /// Runs one Lua script (EVALSHA, loading it on `NOSCRIPT`).
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T, BackendError> {
+        self.run(|mut c| async move { script.invoke_async(&mut c).await })
+            .await
     }
 
-    /// Runs one command through the gate.
-    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BackendError> {
-        let _permit = self.permit().await;
-        let mut conn = self.connection()?;
-        let reply = cmd.query_async(&mut conn);
+    /// Runs a pipeline of commands in one round trip.
+    pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, BackendError> {
+        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    /// The shared path: a permit, the up check, the spin for a lone command, and
+    /// error classification.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let _permit = self.inflight.acquire().await;
+        self.ensure_up()?;
+        let reply = call(self.conn.clone());
         // Alone on the connection (a sequential client): poll for the reply for a few
         // µs instead of sleeping at once. Each yield lets the runtime poll its sockets
         // without blocking, so the reply is picked up without the thread's wake-up
@@ -188,6 +213,63 @@ impl Backend {
             reply.await
         };
         result.map_err(|e| self.classify(e))
+    }
+
+    /// A connection of its own, without a response timeout, for blocking reads
+    /// (`XREADGROUP BLOCK`); not counted against `redis.max_inflight`, since nothing
+    /// queues behind it.
+    pub async fn dedicated(self: &Arc<Self>) -> Result<Dedicated, BackendError> {
+        let conn_cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(None);
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&conn_cfg)
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(Dedicated {
+            conn,
+            backend: self.clone(),
+        })
+    }
+
+    /// Subscribes to one pub/sub channel on a connection of its own; the stream
+    /// yields message payloads and ends when the connection is lost.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+    ) -> Result<BoxStream<'static, Vec<u8>>, BackendError> {
+        let subscribed = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.connect_timeout * 2, subscribed)
+            .await
+            .map_err(|_| BackendError::Timeout(self.connect_timeout * 2))?
+            .map_err(|e| self.classify(e))?;
+        Ok(pubsub
+            .into_on_message()
+            .map(|msg| msg.get_payload_bytes().to_vec())
+            .boxed())
+    }
+
+    /// Maps a redis error, and marks Redis down when the error says the connection is
+    /// gone or stuck, so the next requests fail fast until the probe succeeds.
+    fn classify(&self, e: redis::RedisError) -> BackendError {
+        if e.is_timeout() {
+            self.mark_down(&e);
+            BackendError::Timeout(self.response_timeout)
+        } else if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_unrecoverable_error()
+        {
+            self.mark_down(&e);
+            BackendError::Unavailable(e.to_string())
+        } else {
+            BackendError::Redis(e)
+        }
     }
 
     fn mark_down(&self, e: &redis::RedisError) {
@@ -258,13 +340,24 @@ impl Backend {
     }
 }
 
+/// A connection of one task's own (see [`Backend::dedicated`]). Its errors are
+/// classified like every other, so a worker that sees Redis die marks it down.
+pub struct Dedicated {
+    conn: MultiplexedConnection,
+    backend: Arc<Backend>,
+}
+
+impl Dedicated {
+    pub async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, BackendError> {
+        cmd.query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.backend.classify(e))
+    }
+}
+
 /// Polls `fut`, yielding to the runtime between polls, for up to `spin` and while
 /// `keep` holds; then waits for it normally.
-async fn spin_then_wait<F: std::future::Future>(
-    fut: F,
-    spin: Duration,
-    keep: impl Fn() -> bool,
-) -> F::Output {
+async fn spin_then_wait<F: Future>(fut: F, spin: Duration, keep: impl Fn() -> bool) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     let started = Instant::now();
     loop {
