@@ -30,6 +30,8 @@ pub enum ClientError {
         code: String,
         message: String,
         retry_after_ms: Option<u64>,
+        /// The request field at fault, when the daemon named one.
+        field: Option<String>,
     },
 }
 
@@ -38,6 +40,14 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } => ErrorCode::parse(code),
+            _ => None,
+        }
+    }
+
+    /// The request field the daemon named as the culprit, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { field, .. } => field.as_deref(),
             _ => None,
         }
     }
@@ -58,6 +68,20 @@ pub struct Client {
 }
 
 impl Client {
+    /// The socket a client uses when told none: `SATCHEL_SOCKET`, else the rule the
+    /// daemon uses too ([`crate::config::default_socket_path_for`], protocol.md).
+    pub fn default_socket_path() -> std::path::PathBuf {
+        std::env::var_os("SATCHEL_SOCKET")
+            .filter(|s| !s.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(crate::config::default_socket_path)
+    }
+
+    /// Connects to [`Client::default_socket_path`].
+    pub async fn connect_default() -> Result<Client, ClientError> {
+        Client::connect(Client::default_socket_path()).await
+    }
+
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path)
@@ -92,8 +116,23 @@ impl Client {
         tokio::spawn(async move {
             let mut reader = FramedRead::new(rd, FrameCodec::new(u32::MAX as usize));
             while let Some(Ok(frame)) = reader.next().await {
-                let Ok((id, outcome)) = decode_response(&frame) else {
-                    continue;
+                let (id, outcome) = match decode_response(&frame) {
+                    Ok(decoded) => decoded,
+                    Err(e) => {
+                        // Which caller it was for cannot be known, so nobody can be
+                        // answered reliably any more: fail them all and close.
+                        let e = ClientError::Protocol(format!(
+                            "malformed frame from the daemon ({e}); connection closed"
+                        ));
+                        if let Ok(mut f) = reader_fatal.lock() {
+                            *f = Some(e.clone());
+                        }
+                        let waiting = reader_pending.lock().ok().and_then(|mut p| p.take());
+                        for (_, waiter) in waiting.into_iter().flatten() {
+                            let _ = waiter.send(Err(e.clone()));
+                        }
+                        return;
+                    }
                 };
                 let Some(id) = id else {
                     // An error with no id is about the connection itself (FORBIDDEN,
@@ -148,12 +187,13 @@ impl Client {
             return Err(e);
         }
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| ClientError::Closed)?
-            .as_mut()
-            .ok_or(ClientError::Closed)?
-            .insert(id, tx);
+        {
+            let mut pending = self.pending.lock().map_err(|_| ClientError::Closed)?;
+            let Some(pending) = pending.as_mut() else {
+                return Err(self.fatal_or_closed());
+            };
+            pending.insert(id, tx);
+        }
         if self.outgoing.send(Bytes::from(body)).await.is_err() {
             if let Ok(mut p) = self.pending.lock()
                 && let Some(p) = p.as_mut()
@@ -163,6 +203,15 @@ impl Client {
             return Err(ClientError::Closed);
         }
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// The error that ended the connection, if the daemon or the framing gave one.
+    fn fatal_or_closed(&self) -> ClientError {
+        self.fatal
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or(ClientError::Closed)
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {
@@ -217,6 +266,7 @@ pub fn decode_response(
             code: text("code"),
             message: text("message"),
             retry_after_ms: get(err, "retry_after_ms").and_then(Value::as_u64),
+            field: get(err, "field").and_then(Value::as_str).map(str::to_owned),
         }),
     ))
 }

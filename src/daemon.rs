@@ -1,7 +1,6 @@
 //! The process around the server: logging, signals, config reload, systemd
 //! notifications and the graceful-stop deadline. `satchel serve` is this module.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ConfigSource};
 use crate::server::{Server, ServerError, Shared};
 use crate::systemd;
 
@@ -31,8 +30,8 @@ pub enum DaemonError {
 
 /// `satchel serve`: loads the config, builds the runtime it asks for
 /// (`server.worker_threads`) and runs [`serve`] on it.
-pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
-    let config = Config::load(config_path.as_deref())?;
+pub fn run(source: ConfigSource) -> Result<(), DaemonError> {
+    let config = source.load()?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.server.worker_threads > 0 {
         builder.worker_threads(config.server.worker_threads as usize);
@@ -42,7 +41,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(serve(config, config_path))
+    runtime.block_on(serve(config, source))
 }
 
 /// Changes the log filter of the running process (SIGHUP).
@@ -71,7 +70,7 @@ fn init_logging(level: &str) -> SetLogLevel {
 
 /// Runs the daemon until SIGTERM/SIGINT and a graceful drain. Returns when it is
 /// time to exit 0; a second stop signal exits the process at once with status 1.
-pub async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+pub async fn serve(config: Config, source: ConfigSource) -> Result<(), DaemonError> {
     let set_log_level = init_logging(&config.log.level);
     raise_fd_limit(config.server.max_connections);
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
@@ -91,7 +90,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<(), D
 
     while let Some(signal) = signals.next().await {
         match signal {
-            SIGHUP => reload(config_path.as_deref(), &shared, &set_log_level),
+            SIGHUP => reload(&source, &shared, &set_log_level),
             _ => break,
         }
     }
@@ -141,9 +140,9 @@ fn raise_fd_limit(max_connections: u64) {
 
 /// SIGHUP: re-read the config; apply what can change live (log level, limits,
 /// allow lists, timeouts); warn about what needs a restart.
-fn reload(path: Option<&Path>, shared: &Arc<Shared>, set_log_level: &SetLogLevel) {
+fn reload(source: &ConfigSource, shared: &Arc<Shared>, set_log_level: &SetLogLevel) {
     systemd::reloading();
-    match Config::load(path) {
+    match source.load() {
         Ok(new) => {
             let old = shared.config.load();
             if new.server.socket != old.server.socket

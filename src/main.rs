@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use satchel::cli::{self, Global, output};
+use satchel::config::ConfigSource;
 
 #[derive(Parser)]
 #[command(
@@ -12,6 +14,8 @@ use clap::{Parser, Subcommand};
     about = "Local cache and mail sidecar over a Unix socket"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,31 +37,35 @@ enum Command {
     },
     /// Client commands (talk to a running daemon).
     #[command(flatten)]
-    Client(satchel::cli::ClientCommand),
+    Client(cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { config } => match satchel::Config::load(config.as_deref()) {
+    let Cli { global, command } = Cli::parse();
+    let source = |path| ConfigSource {
+        path,
+        socket: global.socket.clone(),
+    };
+    match command {
+        Command::CheckConfig { config } => match source(config).load() {
             Ok(cfg) => {
-                print!("{}", cfg.to_toml());
+                output::line(cfg.to_toml().trim_end());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("satchel: {e}");
+                output::error(&e.to_string());
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config } => match satchel::daemon::run(config) {
+        Command::Serve { config } => match satchel::daemon::run(source(config)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("satchel: {e}");
+                output::error(&e.to_string());
                 tracing::error!("{e}");
                 ExitCode::FAILURE
             }
         },
-        Command::Client(cmd) => satchel::cli::run(cmd),
+        Command::Client(cmd) => cli::main(cmd, global),
     }
 }
 

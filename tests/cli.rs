@@ -240,3 +240,88 @@ fn exit_codes_say_what_happened() {
     let (code, _, err) = gone.run(&["ping"]);
     assert_eq!(code, 4, "{err}");
 }
+
+/// Runs the CLI with its stdout already closed by the reader (as `| head -0`
+/// would), and returns (exit code, stderr).
+fn run_into_closed_pipe(args: &[&str]) -> (Option<i32>, String) {
+    use std::process::Stdio;
+    let mut child = Command::new(satchel_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run satchel");
+    drop(child.stdout.take()); // the reader goes away before anything is written
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_subcommand_exits_quietly_when_its_reader_goes_away() {
+    let redis = RedisServer::start();
+    let daemon = Daemon::start(&redis.url(), &[]);
+    let socket = daemon.socket.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "").unwrap();
+    Cli {
+        socket: &daemon.socket,
+    }
+    .run(&["cache", "set", "k", "v"]);
+    for args in [
+        vec!["--socket", socket, "ping"],
+        vec!["--socket", socket, "stats"],
+        vec!["--socket", socket, "stats", "--prometheus"],
+        vec!["--socket", socket, "--json", "stats"],
+        vec!["--socket", socket, "cache", "get", "k"],
+        vec!["--socket", socket, "mail", "dead"],
+        vec!["check-config", "--config", cfg.to_str().unwrap()],
+    ] {
+        let (code, err) = run_into_closed_pipe(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} printed to stderr: {err}");
+    }
+}
+
+#[test]
+fn socket_and_json_are_accepted_before_or_after_the_subcommand() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let daemon = Daemon::start(
+        &redis.url(),
+        &[(
+            "SATCHEL_MAIL_SMTP_URL",
+            &format!("smtp://127.0.0.1:{}", sink.port),
+        )],
+    );
+    let socket = daemon.socket.to_str().unwrap();
+    for args in [
+        vec!["--socket", socket, "--json", "mail", "send"],
+        vec!["mail", "--socket", socket, "send", "--json"],
+        vec!["mail", "send", "--socket", socket, "--json"],
+    ] {
+        let out = Command::new(satchel_bin())
+            .args(&args)
+            .args(["--to", "ann@example.com", "--subject", "s", "--text", "t"])
+            .env_remove("SATCHEL_SOCKET")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sent = json(String::from_utf8_lossy(&out.stdout).trim());
+        assert_eq!(sent["status"], "queued", "{args:?}");
+    }
+    // SATCHEL_SOCKET is the fallback when --socket is not given.
+    let out = Command::new(satchel_bin())
+        .args(["ping"])
+        .env("SATCHEL_SOCKET", socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

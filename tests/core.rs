@@ -184,6 +184,74 @@ fn ten_thousand_pipelined_requests_are_all_answered_with_matching_ids() {
     assert!(seen[1..].iter().all(|&b| b), "every id answered");
 }
 
+/// Writes `n` pings, each with its own `write()`, and only then reads: the daemon
+/// must keep reading while its answers wait in its output buffer (it used to write
+/// one small frame per syscall, fill the socket, block, stop reading, and hang).
+fn pipeline_with_one_write_per_request(n: u64) {
+    let redis = RedisServer::start();
+    let daemon = Daemon::start(&redis.url(), &[]);
+    let mut s = daemon.raw();
+    let started = Instant::now();
+    for id in 1..=n {
+        s.write_all(&frame(&request(id, "ping", |_| 0)))
+            .unwrap_or_else(|e| panic!("write {id} of {n} blocked or failed: {e}"));
+    }
+    let mut seen = vec![false; n as usize + 1];
+    for _ in 0..n {
+        let (id, ok, _) = decode(&read_frame(&mut s).expect("an answer within the read timeout"));
+        let id = id.expect("id") as usize;
+        assert!(ok && !seen[id], "id {id}");
+        seen[id] = true;
+    }
+    assert!(seen[1..].iter().all(|&b| b));
+    eprintln!(
+        "{n} pings, one write each, then read: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_client_that_writes_1000_requests_one_write_each_before_reading_gets_every_answer() {
+    pipeline_with_one_write_per_request(1000);
+}
+
+#[test]
+fn a_client_that_writes_5000_requests_one_write_each_before_reading_gets_every_answer() {
+    pipeline_with_one_write_per_request(5000);
+}
+
+#[test]
+fn the_inflight_gauge_comes_down_when_a_client_hangs_up_mid_request() {
+    let redis = RedisServer::start();
+    let daemon = Daemon::start(&redis.url(), &[]);
+    {
+        let mut s = daemon.raw();
+        // One answer comes back quickly and finds the client gone; the daemon then
+        // drops the connection with the long ping still in flight.
+        s.write_all(&frame(&request(1, "ping", |w| {
+            w.str("delay_ms").uint(20_000);
+            1
+        })))
+        .unwrap();
+        s.write_all(&frame(&request(2, "ping", |w| {
+            w.str("delay_ms").uint(100);
+            1
+        })))
+        .unwrap();
+        assert!(daemon.wait_inflight(3), "both pings in flight");
+    }
+    // Long before the 20 s ping would end, only the probing `stats` is in flight.
+    let mut probe = daemon.raw();
+    let came_down = wait_until(Duration::from_secs(5), || {
+        probe
+            .write_all(&frame(&request(1, "stats", |_| 0)))
+            .unwrap();
+        let (_, _, stats) = decode(&read_frame(&mut probe).unwrap());
+        field(&stats, "inflight").as_u64() == Some(1)
+    });
+    assert!(came_down, "inflight leaked after the client hung up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_concurrent_connections_are_served() {
     let redis = RedisServer::start();
@@ -267,6 +335,10 @@ fn a_client_that_never_reads_does_not_grow_the_daemon() {
         stalled_since.is_some(),
         "the daemon kept reading {written} bytes from a client that never reads"
     );
+    // What the daemon may hold for a client that never reads: its answers, up to
+    // max_output_bytes_per_conn (4 MiB) plus one, the requests in flight (at most
+    // max_inflight_bytes_per_conn, 4 MiB), and the kernel's socket buffers on both
+    // sides (a few MiB on Linux). 64 MiB is far above that and far below unbounded.
     assert!(
         written < 64 * 1024 * 1024,
         "daemon buffered {written} bytes"
@@ -555,4 +627,54 @@ fn sighup_applies_a_changed_config_to_new_connections() {
     let mut s = daemon.raw();
     let (_, _, err) = decode(&read_frame(&mut s).unwrap());
     assert_eq!(code(&err), "FORBIDDEN");
+}
+
+#[test]
+fn root_gets_the_system_socket_whatever_xdg_runtime_dir_says() {
+    // The daemon's default, as check-config reports it; the same rule as every
+    // client (protocol.md, "Transport"). Tests run as root in CI; as another user
+    // the non-root half of the rule is checked instead.
+    let out = std::process::Command::new(satchel_bin())
+        .arg("check-config")
+        .env_remove("SATCHEL_SERVER_SOCKET")
+        .env("XDG_RUNTIME_DIR", "/tmp/xdg-of-root")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let uid = nix::unistd::getuid().as_raw();
+    let want = if uid == 0 {
+        "socket = \"/run/satchel/satchel.sock\"".to_owned()
+    } else {
+        "socket = \"/tmp/xdg-of-root/satchel/satchel.sock\"".to_owned()
+    };
+    assert!(text.contains(&want), "uid {uid}: {text}");
+    for (u, xdg, path) in [
+        (0, Some("/run/user/0"), "/run/satchel/satchel.sock"),
+        (0, None, "/run/satchel/satchel.sock"),
+        (
+            1000,
+            Some("/run/user/1000"),
+            "/run/user/1000/satchel/satchel.sock",
+        ),
+        (1000, Some(""), "/tmp/satchel-1000/satchel.sock"),
+        (1000, None, "/tmp/satchel-1000/satchel.sock"),
+    ] {
+        assert_eq!(
+            satchel::config::default_socket_path_for(u, xdg.map(std::ffi::OsStr::new)),
+            std::path::PathBuf::from(path)
+        );
+    }
+}
+
+#[test]
+fn a_socket_given_on_the_command_line_replaces_server_socket() {
+    let out = std::process::Command::new(satchel_bin())
+        .args(["--socket", "/tmp/elsewhere.sock", "check-config"])
+        .env("SATCHEL_SERVER_SOCKET", "/tmp/from-env.sock")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("socket = \"/tmp/elsewhere.sock\""), "{text}");
 }

@@ -193,6 +193,8 @@ export class SatchelClient {
 }
 
 export function createClient(opts?: ClientOptions): SatchelClient;
+/** The socket path for a uid and an environment (protocol.md, "Transport"). */
+export function socketPathFor(uid: number, env: Record<string, string | undefined>): string;
 export function defaultSocketPath(): string;
 /** The wire fields `mail.send` sends for a camelCase mail. */
 export function mailToWire(mail: Mail): Record<string, unknown>;

@@ -69,13 +69,23 @@ function errorFromWire(err, op) {
   });
 }
 
-/** The daemon's default socket path, as the daemon computes it (README: server.socket). */
-export function defaultSocketPath() {
-  if (process.env.SATCHEL_SOCKET) return process.env.SATCHEL_SOCKET;
-  if (typeof process.getuid === 'function' && process.getuid() === 0) return '/run/satchel/satchel.sock';
-  if (process.env.XDG_RUNTIME_DIR) return path.join(process.env.XDG_RUNTIME_DIR, 'satchel', 'satchel.sock');
-  const uid = typeof process.getuid === 'function' ? process.getuid() : os.userInfo().uid;
+/**
+ * The socket path for a uid and an environment, by the one rule the daemon and every
+ * client share (protocol.md, "Transport"): `SATCHEL_SOCKET` if set; root uses
+ * `/run/satchel/satchel.sock` whatever `XDG_RUNTIME_DIR` says; anyone else
+ * `$XDG_RUNTIME_DIR/satchel/satchel.sock`, else `/tmp/satchel-<uid>/satchel.sock`.
+ */
+export function socketPathFor(uid, env) {
+  if (env.SATCHEL_SOCKET) return env.SATCHEL_SOCKET;
+  if (uid === 0) return '/run/satchel/satchel.sock';
+  if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, 'satchel', 'satchel.sock');
   return `/tmp/satchel-${uid}/satchel.sock`;
+}
+
+/** The daemon's default socket path for this process (README: server.socket). */
+export function defaultSocketPath() {
+  const uid = typeof process.getuid === 'function' ? process.getuid() : os.userInfo().uid;
+  return socketPathFor(uid, process.env);
 }
 
 // Drop undefined fields: the daemon treats a missing field and nil alike, so sending

@@ -220,6 +220,25 @@ impl RedisConfig {
     }
 }
 
+/// Where the daemon's configuration comes from: a file (or none) and the
+/// command line's `--socket`, which wins over both the file and the environment.
+/// Kept for the life of the daemon, so a SIGHUP reload reads the same sources.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load(self.path.as_deref())?;
+        if let Some(socket) = &self.socket {
+            config.server.socket = socket.clone();
+        }
+        Ok(config)
+    }
+}
+
 impl Config {
     /// Loads the file (if any), applies `SATCHEL_*` overrides from the process
     /// environment, and validates.

@@ -14,6 +14,7 @@ from ._common import (
     UNREACHABLE,
     SatchelError,
     default_socket_path,
+    socket_path_for,
     mail_fields,
 )
 from .aio import AsyncClient
@@ -30,6 +31,7 @@ __all__ = [
     "CLIENT_TIMEOUT",
     "CLIENT_OVERLOADED",
     "default_socket_path",
+    "socket_path_for",
     "mail_fields",
 ]
 __version__ = "0.1.0"

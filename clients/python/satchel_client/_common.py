@@ -63,15 +63,23 @@ def error_from_wire(err: Any, op: Optional[str]) -> SatchelError:
     return SatchelError(code, message, retry_after_ms=retry, field=field, op=op)
 
 
-def default_socket_path() -> str:
-    """The daemon's default socket path (README: ``server.socket``), or ``SATCHEL_SOCKET``."""
-    if os.environ.get("SATCHEL_SOCKET"):
-        return os.environ["SATCHEL_SOCKET"]
-    if os.getuid() == 0:
+def socket_path_for(uid: int, env) -> str:
+    """The socket path for a uid and an environment, by the one rule the daemon and
+    every client share (protocol.md, "Transport"): ``SATCHEL_SOCKET`` if set; root
+    uses ``/run/satchel/satchel.sock`` whatever ``XDG_RUNTIME_DIR`` says; anyone else
+    ``$XDG_RUNTIME_DIR/satchel/satchel.sock``, else ``/tmp/satchel-<uid>/satchel.sock``."""
+    if env.get("SATCHEL_SOCKET"):
+        return env["SATCHEL_SOCKET"]
+    if uid == 0:
         return "/run/satchel/satchel.sock"
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "satchel", "satchel.sock")
-    return f"/tmp/satchel-{os.getuid()}/satchel.sock"
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "satchel", "satchel.sock")
+    return f"/tmp/satchel-{uid}/satchel.sock"
+
+
+def default_socket_path() -> str:
+    """The daemon's default socket path for this process (README: ``server.socket``)."""
+    return socket_path_for(os.getuid(), os.environ)
 
 
 def encode_frame(req: Dict[str, Any], max_frame: int) -> bytes:

@@ -1,0 +1,170 @@
+//! Running a client subcommand against the daemon: build the request, call it
+//! through [`crate::Client`], and say what happened as an [`Outcome`].
+
+use rmpv::Value;
+
+use super::args::{CacheCommand, ClientCommand, MailCommand, SendArgs};
+use super::output::from_json;
+use crate::client::{Client, ClientError};
+
+/// What a client command produced.
+pub enum Outcome {
+    Value(Value),
+    /// Nothing there (a cache miss, an unknown id): exit 3.
+    NotFound(String),
+}
+
+pub async fn run(cmd: ClientCommand, client: Client) -> Result<Outcome, ClientError> {
+    match cmd {
+        ClientCommand::Ping => {
+            let started = std::time::Instant::now();
+            client.ping().await?;
+            Ok(Outcome::Value(Value::from(format!(
+                "pong in {} µs",
+                started.elapsed().as_micros()
+            ))))
+        }
+        ClientCommand::Stats { prometheus: false } => Ok(Outcome::Value(client.stats().await?)),
+        ClientCommand::Stats { prometheus: true } => {
+            // The daemon renders it from the same samples as `stats`.
+            let text = client
+                .call("stats", vec![("format", Value::from("prometheus"))])
+                .await?;
+            let text = text.as_str().unwrap_or("").trim_end().to_owned();
+            Ok(Outcome::Value(Value::from(text)))
+        }
+        ClientCommand::Cache(cmd) => cache(cmd, client).await,
+        ClientCommand::Mail(cmd) => mail(cmd, client).await,
+    }
+}
+
+fn invalid_input(message: String) -> ClientError {
+    ClientError::Server {
+        code: "BAD_REQUEST".into(),
+        message,
+        retry_after_ms: None,
+        field: None,
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+async fn cache(cmd: CacheCommand, c: Client) -> Result<Outcome, ClientError> {
+    Ok(match cmd {
+        CacheCommand::Get { key } => match c.cache_get(&key).await? {
+            Some(v) => Outcome::Value(v),
+            None => Outcome::NotFound(format!("miss: {key}")),
+        },
+        CacheCommand::Set {
+            key,
+            value,
+            json_value,
+            ttl_ms,
+            tags,
+        } => {
+            let value = if json_value {
+                let parsed: serde_json::Value = serde_json::from_str(&value)
+                    .map_err(|e| invalid_input(format!("VALUE is not JSON: {e}")))?;
+                from_json(&parsed)
+            } else {
+                Value::from(value.as_str())
+            };
+            c.cache_set(&key, value, ttl_ms, &strs(&tags)).await?;
+            Outcome::Value(Value::from("stored"))
+        }
+        CacheCommand::Del { keys } => Outcome::Value(Value::from(c.cache_del(&strs(&keys)).await?)),
+        CacheCommand::Invalidate { tags, prefix } => Outcome::Value(Value::from(
+            c.cache_invalidate(&strs(&tags), prefix.as_deref()).await?,
+        )),
+    })
+}
+
+async fn mail(cmd: MailCommand, c: Client) -> Result<Outcome, ClientError> {
+    Ok(Outcome::Value(match cmd {
+        MailCommand::Send(args) => {
+            let q = c.mail_send(&mail_of(args)?).await?;
+            Value::Map(vec![
+                (Value::from("mail_id"), Value::from(q.mail_id)),
+                (Value::from("status"), Value::from(q.status)),
+                (Value::from("duplicate"), Value::from(q.duplicate)),
+            ])
+        }
+        MailCommand::Status { mail_id } => c.mail_status(&mail_id).await?,
+        MailCommand::Dead { limit } => Value::Array(c.mail_dead(limit).await?),
+        MailCommand::Retry { mail_id } => Value::from(c.mail_retry(&mail_id).await?),
+        MailCommand::Cancel { mail_id } => Value::from(if c.mail_cancel(&mail_id).await? {
+            "cancelled"
+        } else {
+            "not cancelled (already sending or finished)"
+        }),
+    }))
+}
+
+/// The arguments of `mail send` as a [`crate::client::Mail`], reading attachments.
+fn mail_of(a: SendArgs) -> Result<crate::client::Mail, ClientError> {
+    let attachments = a
+        .attachments
+        .iter()
+        .map(|spec| read_attachment(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let headers = a
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| invalid_input(format!("--header {h:?}: expected \"Name: value\"")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::client::Mail {
+        to: a.to,
+        cc: a.cc,
+        bcc: a.bcc,
+        from: a.from,
+        reply_to: a.reply_to,
+        subject: a.subject,
+        text: a.text,
+        html: a.html,
+        headers,
+        attachments,
+        idempotency_key: a.idempotency_key,
+        send_at_ms: a.send_at_ms,
+    })
+}
+
+/// Guesses a content type from a file name (for `--attach` without `:type`).
+fn content_type_for(path: &str) -> &'static str {
+    let ext = path.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "csv" => "text/csv",
+        "html" | "htm" => "text/html",
+        "json" => "application/json",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+fn read_attachment(spec: &str) -> Result<crate::client::Attachment, ClientError> {
+    let (path, content_type) = match spec.rsplit_once(':') {
+        Some((p, t)) if t.contains('/') => (p, t.to_owned()),
+        _ => (spec, content_type_for(spec).to_owned()),
+    };
+    let data =
+        std::fs::read(path).map_err(|e| invalid_input(format!("cannot read {path}: {e}")))?;
+    let filename = std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_owned());
+    Ok(crate::client::Attachment {
+        filename,
+        content_type,
+        data,
+    })
+}
