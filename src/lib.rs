@@ -1,25 +1,38 @@
 //! satchel: a local sidecar that gives co-located apps a Redis-backed cache and a
-//! durable mail queue over one Unix socket.
+//! durable mail queue over one Unix socket. ARCHITECTURE.md is the one-page tour.
 //!
-//! The crate, in the order a request flows through it:
+//! The crate, in the order a request flows through it (socket → frame → request →
+//! service → response → frame):
 //!
+//! - [`server`]: the accept loop, one task per connection (read buffer, output
+//!   buffer, backpressure), and dispatch by an op table.
+//! - [`peer`]: who is on the other end (SO_PEERCRED) and the allow lists.
 //! - [`protocol`]: bytes on the wire (length-prefixed MessagePack frames, request and
 //!   response envelopes, stable error codes). protocol.md is its contract.
-//! - [`server`]: the accept loop, one task per connection, the op dispatch table.
+//! - [`service`]: the one trait the server knows services by.
 //! - [`cache`]: the cache-aside service (`cache.*` ops): values, leases, invalidation.
-//! - [`backend`]: the shared Redis connection with a fail-fast health gate.
-//! - [`mail`]: the durable mail queue (`mail.*` ops): concurrent sends enqueued in
-//!   batches, a Redis Streams consumer group, retries, dead letters, SMTP delivery
-//!   through a nodelay connection pool.
-//! - [`config`]: TOML + `SATCHEL_*` environment overrides, validated.
+//! - [`mail`]: the durable mail queue (`mail.*` ops): group-committed enqueue, a Redis
+//!   Streams consumer group, retries, dead letters, SMTP through a nodelay pool.
+//! - [`backend`]: the only door to Redis: the shared connection with its in-flight
+//!   permits and fail-fast health gate, dedicated connections for blocking reads,
+//!   pub/sub.
+//!
+//! Around them:
+//!
+//! - [`config`]: TOML + `SATCHEL_*` environment overrides, parsed once into typed
+//!   values; imports nothing from the services.
+//! - [`stats`]: counters, RAII level guards, and the samples behind `stats` and
+//!   its Prometheus text.
+//! - [`host`]: the clock and the host name.
 //! - [`systemd`]: readiness, status, watchdog, socket activation; nothing else knows
 //!   about systemd.
 //! - [`daemon`]: the process around the server: logging, signals, reload, the
 //!   graceful-stop deadline (`satchel serve`).
-//! - [`client`]: the Rust client the CLI and the tests use.
+//! - [`client`] and [`cli`]: the Rust client, and the `satchel` subcommands built on it.
 //!
 //! To embed satchel in your own tokio runtime, build a [`config::Config`], call
-//! [`server::Server::bind`] and run it with your own `CancellationToken`.
+//! [`server::Server::bind`] and run it with your own `CancellationToken` and
+//! `TaskTracker`.
 
 pub mod backend;
 pub mod cache;
