@@ -114,7 +114,12 @@ fn wait_for_socket(path: &Path) {
     panic!("nothing listens on {}", path.display());
 }
 
+/// The daemon binary: `SATCHEL_BIN` (to compare two builds with one load generator),
+/// else the `satchel` built beside this example.
 fn satchel_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SATCHEL_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("current exe");
     // target/release/examples/loadgen → target/release/satchel
     exe.parent()
