@@ -1342,3 +1342,103 @@ async fn reclaimed_entries_already_sent_or_deleted_are_acknowledged_without_deli
     assert_eq!(len, 0);
     assert_eq!(sink.count(), 0, "an entry already sent is not sent again");
 }
+
+/// Standard base64 (for checking attachments in delivered messages).
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn big_attachment(len: usize) -> (Value, Vec<u8>) {
+    let data: Vec<u8> = (0..len as u64).map(|i| (i * 7919 % 251) as u8).collect();
+    let v = Value::Array(vec![Value::Map(vec![
+        (Value::from("filename"), Value::from("scan.bin")),
+        (Value::from("data"), Value::Binary(data.clone())),
+    ])]);
+    (v, data)
+}
+
+fn body_key_exists(redis: &RedisServer, id: &str) -> bool {
+    let mut conn = redis.conn();
+    redis::cmd("EXISTS")
+        .arg(format!("satchel:m:s:{id}:b"))
+        .query::<i64>(&mut conn)
+        .unwrap()
+        == 1
+}
+
+#[tokio::test]
+async fn a_large_mail_travels_in_pieces_through_retries_and_its_body_is_removed_when_done() {
+    let redis = RedisServer::start();
+    let sink = SmtpSink::start();
+    let daemon = start(&redis, &fast(sink.port));
+    let c = daemon.client().await;
+    // ~4 MiB rendered: four body pieces, never one command.
+    let (attachments, data) = big_attachment(3_000_000);
+    let mut fields = basic("fail451-twice+big@example.com");
+    fields.push(("attachments", attachments.clone()));
+    let id = s(&send(&c, fields).await, "mail_id").to_owned();
+    let mut conn = redis.conn();
+    let pieces: i64 = redis::cmd("LLEN")
+        .arg(format!("satchel:m:s:{id}:b"))
+        .query(&mut conn)
+        .unwrap_or(0);
+    let sent = wait_status(&c, &id, "sent").await;
+    assert!(sent.to_string().contains("\"attempts\": 3"), "{sent}");
+    assert!(
+        pieces == 4 || pieces == 0,
+        "{pieces} pieces (0: already sent)"
+    );
+    let got = sink.received();
+    let delivered = got[0]["data"].as_str().unwrap().replace("\r\n", "");
+    let encoded = base64(&data);
+    assert!(
+        delivered.contains(&encoded),
+        "the attachment arrived whole ({} bytes of message)",
+        delivered.len()
+    );
+    assert!(
+        !body_key_exists(&redis, &id),
+        "the body key outlived the sent mail"
+    );
+
+    // Scheduled, then cancelled: the body goes with it.
+    let mut fields = basic("ann@example.com");
+    fields.push(("attachments", attachments.clone()));
+    fields.push(("send_at_ms", Value::from(now_ms() + 60_000)));
+    let id = s(&send(&c, fields).await, "mail_id").to_owned();
+    assert!(body_key_exists(&redis, &id));
+    let r = c
+        .call("mail.cancel", vec![("mail_id", Value::from(id.as_str()))])
+        .await
+        .unwrap();
+    assert!(r.to_string().contains("true"), "{r}");
+    assert!(!body_key_exists(&redis, &id));
+
+    // Scheduled a moment ahead: delivered from its body key when due.
+    let mut fields = basic("bob@example.com");
+    fields.push(("attachments", attachments));
+    fields.push(("send_at_ms", Value::from(now_ms() + 300)));
+    let id = s(&send(&c, fields).await, "mail_id").to_owned();
+    wait_status(&c, &id, "sent").await;
+    assert!(
+        sink.received()
+            .iter()
+            .any(|m| m["rcpt_tos"].to_string().contains("bob@example.com")
+                && m["data"].as_str().unwrap().len() > 4_000_000)
+    );
+    assert!(!body_key_exists(&redis, &id));
+}

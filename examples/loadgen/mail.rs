@@ -386,7 +386,12 @@ fn render_message() -> Vec<u8> {
         html: Some(html_1k()),
         ..Default::default()
     };
-    satchel::mail::message::build(&draft, "bench@example.org", 1 << 20, "bench".into())
+    let limits = satchel::mail::message::Limits {
+        default_from: "bench@example.org".into(),
+        max_message_bytes: 1 << 20,
+        max_recipients: 1000,
+    };
+    satchel::mail::message::build(&draft, &limits, "bench".into())
         .expect("render")
         .raw
 }

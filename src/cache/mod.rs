@@ -8,6 +8,7 @@
 //! never blocks for long and no bookkeeping outlives its keys. The key layout is in
 //! [`keys`] and protocol.md.
 
+mod bulk;
 mod keys;
 mod leases;
 mod scripts;
@@ -63,6 +64,16 @@ pub enum CacheError {
         size: usize,
         limit: u64,
     },
+    #[error("{count} {what} in one request; {key} is {limit}")]
+    TooMany {
+        field: &'static str,
+        what: &'static str,
+        count: usize,
+        limit: u64,
+        key: &'static str,
+    },
+    #[error("the answer would be {size} bytes; server.max_response_bytes is {limit}")]
+    AnswerTooLarge { size: u64, limit: u64 },
     #[error("{message}")]
     Invalid {
         field: &'static str,
@@ -81,8 +92,11 @@ impl From<CacheError> for OpError {
         let message = e.to_string();
         match e {
             CacheError::Request(op) => op,
-            CacheError::TooLarge { field, .. } => {
+            CacheError::TooLarge { field, .. } | CacheError::TooMany { field, .. } => {
                 OpError::new(ErrorCode::TooLarge, message).with_field(field)
+            }
+            CacheError::AnswerTooLarge { .. } => {
+                OpError::new(ErrorCode::TooLarge, message).with_field("keys")
             }
             CacheError::Invalid { field, .. } => {
                 OpError::new(ErrorCode::BadRequest, message).with_field(field)
@@ -178,13 +192,17 @@ impl CacheService {
     }
 
     /// Runs one `cache.*` op.
-    async fn run_op(&self, cfg: &CacheConfig, peer: &Peer, req: &Request) -> OpResult {
-        let ks = self.keyspace(cfg, peer)?;
+    async fn run_op(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        let cfg = &ctx.config.cache;
+        let ks = self.keyspace(cfg, ctx.peer)?;
         let result = match req.op() {
             "cache.get" => self.get(cfg, &ks, req).await,
-            "cache.mget" => self.mget(cfg, &ks, req).await,
+            "cache.mget" => {
+                let max_response = ctx.config.server.max_response_bytes;
+                Box::pin(self.mget(cfg, max_response, &ks, req)).await
+            }
             "cache.set" => self.set(cfg, &ks, req).await,
-            "cache.del" => self.del(cfg, &ks, req).await,
+            "cache.del" => Box::pin(self.del(cfg, &ks, req)).await,
             // Boxed: their futures are large and would make every request's future
             // (moved into the connection's FuturesUnordered) as large.
             "cache.fetch" => Box::pin(self.fetch(cfg, &ks, req)).await,
@@ -231,34 +249,16 @@ impl CacheService {
         Ok(w.into_vec())
     }
 
-    async fn mget(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
-        let keys = req.str_list("keys")?;
-        for k in &keys {
-            checked_key(cfg, "keys", k)?;
-        }
-        let mut w = Writer::new();
-        w.array(keys.len() as u32);
-        if keys.is_empty() {
-            return Ok(w.into_vec());
-        }
-        let mut cmd = redis::cmd("MGET");
-        for k in &keys {
-            cmd.arg(ks.value(k));
-        }
-        let blobs: Vec<Option<Vec<u8>>> = self.backend.query(&cmd).await?;
-        for blob in &blobs {
-            match blob.as_deref().and_then(decode_blob) {
-                Some((value, _)) => {
-                    self.stats.hits.inc();
-                    w.map(2).str("hit").bool(true).str("value").raw(value);
-                }
-                None => {
-                    self.stats.misses.inc();
-                    w.map(1).str("hit").bool(false);
-                }
-            }
-        }
-        Ok(w.into_vec())
+    async fn mget(
+        &self,
+        cfg: &CacheConfig,
+        max_response: u64,
+        ks: &KeySpace,
+        req: &Request,
+    ) -> CacheResult {
+        let keys = checked_keys(cfg, req)?;
+        self.read_many(ks, &keys, cfg.max_value_bytes, max_response)
+            .await
     }
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -298,20 +298,8 @@ impl CacheService {
     }
 
     async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
-        let keys = req.str_list("keys")?;
-        for k in &keys {
-            checked_key(cfg, "keys", k)?;
-        }
-        let deleted = if keys.is_empty() {
-            0
-        } else {
-            let mut inv = self.scripts.del.prepare_invoke();
-            for k in &keys {
-                inv.key(ks.value(k)).key(ks.lease(k));
-            }
-            inv.arg(&self.channel);
-            self.backend.invoke::<u64>(&inv).await?
-        };
+        let keys = checked_keys(cfg, req)?;
+        let deleted = self.delete_many(ks, &keys).await?;
         self.stats.deletes.add(deleted);
         let mut w = Writer::new();
         w.map(1).str("deleted").uint(deleted);
@@ -533,10 +521,20 @@ impl CacheService {
 
     async fn invalidate(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         let tags = req.opt_str_list("tags")?.unwrap_or_default();
+        let prefix = req.opt_str("prefix")?;
+        let named = tags.len() + prefix.is_some() as usize;
+        if named as u64 > cfg.max_invalidations_per_request {
+            return Err(CacheError::TooMany {
+                field: "tags",
+                what: "tags and prefixes",
+                count: named,
+                limit: cfg.max_invalidations_per_request,
+                key: "cache.max_invalidations_per_request",
+            });
+        }
         for t in &tags {
             checked_key(cfg, "tags", t)?;
         }
-        let prefix = req.opt_str("prefix")?;
         if let Some(p) = prefix {
             checked_key(cfg, "prefix", p)?;
         }
@@ -628,6 +626,24 @@ fn checked_key<'a>(
     Ok(key)
 }
 
+/// The `keys` of `mget` / `del`: at most `max_keys_per_request`, each a valid key.
+fn checked_keys<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>, CacheError> {
+    let keys = req.str_list("keys")?;
+    if keys.len() as u64 > cfg.max_keys_per_request {
+        return Err(CacheError::TooMany {
+            field: "keys",
+            what: "keys",
+            count: keys.len(),
+            limit: cfg.max_keys_per_request,
+            key: "cache.max_keys_per_request",
+        });
+    }
+    for k in &keys {
+        checked_key(cfg, "keys", k)?;
+    }
+    Ok(keys)
+}
+
 fn checked_value<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<&'a [u8], CacheError> {
     let value = req
         .raw("value")
@@ -690,7 +706,7 @@ impl Service for CacheService {
     }
 
     fn handle<'a>(&'a self, ctx: RequestCtx<'a>, req: &'a Request) -> BoxFuture<'a, OpResult> {
-        self.run_op(&ctx.config.cache, ctx.peer, req).boxed()
+        self.run_op(ctx, req).boxed()
     }
 
     fn start(self: Arc<Self>, tasks: &TaskTracker, shutdown: &CancellationToken) {

@@ -59,6 +59,8 @@ pub struct MailConfig {
     /// A pending entry idle this long belongs to a dead consumer and is reclaimed.
     pub claim_idle_ms: u64,
     pub max_message_bytes: u64,
+    /// Most recipients (to + cc + bcc) of one mail.
+    pub max_recipients: u64,
     pub idempotency_ttl_ms: u64,
     pub status_retention_ms: u64,
     pub smtp_connect_timeout_ms: u64,
@@ -107,6 +109,7 @@ impl Default for MailConfig {
             retry_max_ms: 3_600_000,
             claim_idle_ms: 60_000,
             max_message_bytes: 10 * 1024 * 1024,
+            max_recipients: 1000,
             idempotency_ttl_ms: 24 * 3600 * 1000,
             status_retention_ms: 7 * 24 * 3600 * 1000,
             smtp_connect_timeout_ms: 10_000,
@@ -174,6 +177,7 @@ impl MailConfig {
             ("retry_base_ms", self.retry_base_ms),
             ("claim_idle_ms", self.claim_idle_ms),
             ("max_message_bytes", self.max_message_bytes),
+            ("max_recipients", self.max_recipients),
             ("idempotency_ttl_ms", self.idempotency_ttl_ms),
             ("status_retention_ms", self.status_retention_ms),
             ("smtp_connect_timeout_ms", self.smtp_connect_timeout_ms),

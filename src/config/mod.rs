@@ -74,6 +74,9 @@ pub struct ServerConfig {
     /// Bytes of responses one connection may have waiting to be written; while more
     /// wait, the daemon stops reading that socket (the client is not reading).
     pub max_output_bytes_per_conn: u64,
+    /// Largest answer to one request; a bigger one is `TOO_LARGE`, decided before
+    /// it is built.
+    pub max_response_bytes: u64,
     pub max_connections: u64,
     pub shutdown_timeout_ms: u64,
     /// Threads of the async runtime; 0 = one per CPU core. One is the default: the
@@ -116,6 +119,10 @@ pub struct CacheConfig {
     pub wait_ms: u64,
     /// Give each peer uid its own key space.
     pub isolate_by_uid: bool,
+    /// Most keys one `cache.mget` or `cache.del` may name.
+    pub max_keys_per_request: u64,
+    /// Most tags (plus the prefix) one `cache.invalidate` may name.
+    pub max_invalidations_per_request: u64,
 }
 
 impl Default for CacheConfig {
@@ -127,6 +134,8 @@ impl Default for CacheConfig {
             lease_ms: 2000,
             wait_ms: 3000,
             isolate_by_uid: false,
+            max_keys_per_request: 10_000,
+            max_invalidations_per_request: 1000,
         }
     }
 }
@@ -172,6 +181,7 @@ impl Default for ServerConfig {
             max_inflight_per_conn: 1024,
             max_inflight_bytes_per_conn: 4 * 1024 * 1024,
             max_output_bytes_per_conn: 4 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
             max_connections: 1024,
             shutdown_timeout_ms: 10_000,
             worker_threads: 1,
@@ -374,6 +384,29 @@ impl Config {
                 "cache.max_value_bytes",
                 "must be at least 1 and below server.max_frame_bytes",
             ));
+        }
+        if s.max_response_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "server.max_response_bytes",
+                "must be at least 1048576",
+            ));
+        }
+        if c.max_value_bytes > s.max_response_bytes / 2 {
+            return Err(invalid(
+                "cache.max_value_bytes",
+                "must be at most half of server.max_response_bytes",
+            ));
+        }
+        for (key, v) in [
+            ("cache.max_keys_per_request", c.max_keys_per_request),
+            (
+                "cache.max_invalidations_per_request",
+                c.max_invalidations_per_request,
+            ),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(invalid(key, "must be between 1 and 1000000"));
+            }
         }
         if c.default_ttl_ms == 0 {
             return Err(invalid("cache.default_ttl_ms", "must be at least 1"));

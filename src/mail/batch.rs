@@ -118,7 +118,7 @@ impl Enqueuer {
                     && n < MAX_BATCH_MAILS
                     && (n == 0 || bytes < MAX_BATCH_BYTES)
                 {
-                    bytes += st.pending[n].mail.built.raw.len();
+                    bytes += st.pending[n].mail.inline_len();
                     n += 1;
                 }
                 if n == 0 {

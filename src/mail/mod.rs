@@ -58,6 +58,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// Default and cap of `mail.dead {limit}`.
 const DEAD_DEFAULT_LIMIT: u64 = 100;
 const DEAD_MAX_LIMIT: u64 = 1000;
+/// A `mail.send` frame larger than this is parsed and rendered on the blocking pool
+/// (base64 of a 10 MiB attachment takes tens of ms), never on the runtime thread
+/// that serves every connection.
+const RENDER_INLINE_BYTES: usize = 8 * 1024;
 /// How long `stats` waits for the queue counts from Redis.
 const STATS_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -65,6 +69,8 @@ const STATS_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 pub enum MailError {
     #[error("{message}")]
     Invalid { field: String, message: String },
+    #[error("{message}")]
+    TooLarge { field: String, message: String },
     #[error("no mail with id {0} (unknown, or its status record expired)")]
     NotFound(String),
     #[error("mail {mail_id} is {status}; only dead mail can be retried")]
@@ -79,6 +85,7 @@ impl MailError {
     pub fn code(&self) -> ErrorCode {
         match self {
             MailError::Invalid { .. } => ErrorCode::InvalidMail,
+            MailError::TooLarge { .. } => ErrorCode::TooLarge,
             MailError::NotFound(_) => ErrorCode::NotFound,
             MailError::NotDead { .. } => ErrorCode::BadRequest,
             MailError::Backend(e) => e.code(),
@@ -92,7 +99,7 @@ impl From<MailError> for OpError {
     fn from(e: MailError) -> OpError {
         match e {
             MailError::Backend(b) => b.into(),
-            MailError::Invalid { ref field, .. } => {
+            MailError::Invalid { ref field, .. } | MailError::TooLarge { ref field, .. } => {
                 let field = field.clone();
                 OpError::new(e.code(), e.to_string()).with_field(&field)
             }
@@ -133,6 +140,9 @@ pub struct MailService {
     queue: Queue,
     enqueuer: Arc<batch::Enqueuer>,
     transport: Arc<Transport>,
+    /// Renders running on the blocking pool at once (one per CPU): more would only
+    /// queue for the cores, holding their messages in memory meanwhile.
+    render_slots: Arc<tokio::sync::Semaphore>,
     pub counters: MailCounters,
     /// This daemon's consumer name in the group: unique per process.
     consumer: String,
@@ -157,6 +167,9 @@ impl MailService {
             enqueuer: Arc::default(),
             transport: Arc::new(Transport::from_config(&cfg.mail)?),
             counters: MailCounters::default(),
+            render_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             consumer: format!(
                 "{}-{}-{:04x}",
                 crate::host::hostname(),
@@ -262,6 +275,25 @@ struct DeadEntry {
     dead_ms: u64,
 }
 
+/// The checks of `mail.send` fields that `message::build` does not make.
+fn check_draft(draft: &message::Draft) -> Result<(), MailError> {
+    if let Some(key) = &draft.idempotency_key
+        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(MailError::Invalid {
+            field: "idempotency_key".into(),
+            message: format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+        });
+    }
+    if draft.send_at_ms.is_some_and(|ms| ms < 0) {
+        return Err(MailError::Invalid {
+            field: "send_at_ms".into(),
+            message: "send_at_ms must be a Unix time in ms".into(),
+        });
+    }
+    Ok(())
+}
+
 fn mail_id(req: &Request) -> Result<&str, OpError> {
     let id = req.str("mail_id")?;
     if id.is_empty() || id.len() > 128 {
@@ -274,30 +306,38 @@ fn mail_id(req: &Request) -> Result<&str, OpError> {
 }
 
 impl MailService {
-    async fn send(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
-        let draft = message::Draft::from_request(req)?;
-        let mc = &ctx.config.mail;
-        if let Some(key) = &draft.idempotency_key
-            && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY)
-        {
-            return Err(MailError::Invalid {
-                field: "idempotency_key".into(),
-                message: format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+    /// Reads, checks and renders a `mail.send`: inline when small, else on the
+    /// blocking pool (at most `render_slots` at once).
+    async fn render(
+        &self,
+        req: &Request,
+        limits: message::Limits,
+    ) -> Result<(message::Draft, message::Built), OpError> {
+        let work = {
+            let req = req.clone();
+            move || -> Result<_, OpError> {
+                let draft = message::Draft::from_request(&req)?;
+                check_draft(&draft)?;
+                let built = message::build(&draft, &limits, new_mail_id())?;
+                Ok((draft, built))
             }
-            .into());
-        }
-        let send_at = match draft.send_at_ms {
-            Some(ms) if ms < 0 => {
-                return Err(MailError::Invalid {
-                    field: "send_at_ms".into(),
-                    message: "send_at_ms must be a Unix time in ms".into(),
-                }
-                .into());
-            }
-            Some(ms) => ms as u64,
-            None => 0,
         };
-        let built = message::build(&draft, &mc.from, mc.max_message_bytes, new_mail_id())?;
+        if req.frame_len() <= RENDER_INLINE_BYTES {
+            return work();
+        }
+        let _slot = self.render_slots.acquire().await;
+        tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+            Err(OpError::new(
+                ErrorCode::Internal,
+                format!("rendering the mail failed: {e}"),
+            ))
+        })
+    }
+
+    async fn send(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        let mc = &ctx.config.mail;
+        let (draft, built) = self.render(req, message::Limits::of(mc)).await?;
+        let send_at = draft.send_at_ms.map_or(0, |ms| ms.max(0) as u64);
         let settings = batch::EnqueueSettings {
             idem_ttl_ms: mc.idempotency_ttl_ms,
             retention_ms: mc.status_retention_ms,
@@ -311,10 +351,23 @@ impl MailService {
                     send_at_ms: send_at,
                     idempotency_key: draft.idempotency_key.clone(),
                 };
-                self.enqueuer
-                    .enqueue_or_return(&self.backend, &self.queue, settings, new)
-                    .await
-                    .map_err(|(e, new)| (e, new.map(|n| n.built)))
+                // A large message goes to Redis in pieces before the (batched)
+                // enqueue script adopts it.
+                let stored = if new.in_body_key() {
+                    self.queue
+                        .store_body(&self.backend, &new.built.mail_id, &new.built.raw)
+                        .await
+                } else {
+                    Ok(())
+                };
+                match stored {
+                    Err(e) => Err((e, Some(new.built))),
+                    Ok(()) => self
+                        .enqueuer
+                        .enqueue_or_return(&self.backend, &self.queue, settings, new)
+                        .await
+                        .map_err(|(e, new)| (e, new.map(|n| n.built))),
+                }
             }
         };
         match enqueued {

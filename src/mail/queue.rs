@@ -37,6 +37,16 @@ pub const GROUP: &str = "workers";
 
 const NOW: &str = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
+/// A message over [`INLINE_BODY`] lives in its own key beside its status record,
+/// `<status key>:b`, a list of pieces of at most [`BODY_PIECE`] (written before the
+/// mail is enqueued, so no command carries more than ~1 MiB, and a list so that no
+/// write reallocates a large string: `APPEND` did, at ~25 ms per MiB added to 9 MiB); these keep that key's lifetime the record's. Every
+/// script gets them.
+const BODY: &str = "local function expire_all(sk, ms) redis.call('PEXPIRE', sk, ms); redis.call('PEXPIRE', sk .. ':b', ms) end
+local function persist_all(sk) redis.call('PERSIST', sk); redis.call('PERSIST', sk .. ':b') end
+local function drop_body(sk) redis.call('UNLINK', sk .. ':b') end
+";
+
 const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end
 -- Before an entry is deleted for good while its mail lives on (retry, dead): keep the
 -- message in the status hash.
@@ -56,11 +66,13 @@ end
 /// that carries the message, which leaves the status hash; and no expiry while
 /// queued (a mail waiting out a long SMTP outage must not lose its record).
 const REQUEUE: &str = "local function requeue(stream, sk, id)
-  redis.call('PERSIST', sk)
+  persist_all(sk)
   local raw = redis.call('HGET', sk, 'raw')
   if raw then
     redis.call('XADD', stream, '*', 'id', id, 'raw', raw)
     redis.call('HDEL', sk, 'raw')
+  elseif redis.call('HEXISTS', sk, 'body') == 1 then
+    redis.call('XADD', stream, '*', 'id', id, 'body', '1')
   else
     redis.call('XADD', stream, '*', 'id', id)
   end
@@ -71,13 +83,14 @@ end
 /// one script run, which costs Redis far less per mail than one run each).
 /// KEYS: stream, sched, counts.  ARGV: idem_ttl_ms, retention_ms, status key prefix,
 /// idempotency key prefix, then per mail ENQUEUE_ARGS values: mail_id, send_at_ms
-/// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw.
+/// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw
+/// ('' when the message is in its body key), body ('1' when it is).
 /// → per mail: mail_id, status, duplicate (0|1). Mails are handled in order, so two
 /// in one batch with the same idempotency key behave as two calls would.
 const ENQUEUE: &str = r#"
 local idem_ttl, retention, sp, ip = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local out, added = {}, {queued = 0, scheduled = 0}
-for j = 5, #ARGV, 9 do
+for j = 5, #ARGV, 10 do
   local id, send_at, ikey = ARGV[j], tonumber(ARGV[j + 1]), ARGV[j + 2]
   local existing = nil
   if ikey ~= '' then
@@ -85,6 +98,8 @@ for j = 5, #ARGV, 9 do
     if not existing then redis.call('SET', ip .. ikey, id, 'PX', idem_ttl) end
   end
   if existing then
+    -- The duplicate's own body, written ahead, is not needed.
+    drop_body(sp .. id)
     local st = redis.call('HGET', sp .. existing, 'status')
     out[#out + 1] = existing; out[#out + 1] = st or 'expired'; out[#out + 1] = 1
   else
@@ -94,12 +109,18 @@ for j = 5, #ARGV, 9 do
     redis.call('HSET', sk, 'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now,
       'from', ARGV[j + 3], 'rcpt', ARGV[j + 4], 'to', ARGV[j + 5], 'subject', ARGV[j + 6],
       'message_id', ARGV[j + 7])
+    local body = ARGV[j + 9] == '1'
+    if body then redis.call('HSET', sk, 'body', 1) end
     if status == 'scheduled' then
-      redis.call('HSET', sk, 'next_attempt_ms', send_at, 'raw', ARGV[j + 8])
+      redis.call('HSET', sk, 'next_attempt_ms', send_at)
+      if not body then redis.call('HSET', sk, 'raw', ARGV[j + 8]) end
       redis.call('ZADD', KEYS[2], send_at, id)
-      redis.call('PEXPIRE', sk, retention + send_at - now)
-    else
+      expire_all(sk, retention + send_at - now)
+    elseif body then
       -- No expiry while queued: the record must outlive any wait for delivery.
+      persist_all(sk)
+      redis.call('XADD', KEYS[1], '*', 'id', id, 'body', '1')
+    else
       redis.call('XADD', KEYS[1], '*', 'id', id, 'raw', ARGV[j + 8])
     end
     added[status] = added[status] + 1
@@ -132,8 +153,9 @@ return #due
 
 /// Starts a delivery attempt for a stream entry.
 /// KEYS: status, counts, stream, dead.  ARGV: max_attempts, group, entry id,
-/// retention_ms, mail_id, '1' if the entry carries the message.
-/// → {'go', attempts, from, rcpt, raw ('' when the entry carries it)} |
+/// retention_ms, mail_id, where the message is: 'raw' (in the entry), 'body' (in
+/// the body key), '' (in the hash, for entries of satchel 0.1).
+/// → {'go', attempts, from, rcpt, raw ('' unless it came from the hash)} |
 ///   {'skip', status} | {'dead', reason}
 const BEGIN: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -145,7 +167,8 @@ if st ~= 'queued' and st ~= 'sending' then
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 local raw = ''
-if ARGV[6] ~= '1' then raw = redis.call('HGET', KEYS[1], 'raw') end
+if ARGV[6] == '' then raw = redis.call('HGET', KEYS[1], 'raw')
+elseif ARGV[6] == 'body' and redis.call('EXISTS', KEYS[1] .. ':b') == 0 then raw = false end
 local reason = nil
 if not raw then reason = 'the queued message has no content'
 elseif attempts >= tonumber(ARGV[1]) then
@@ -156,7 +179,7 @@ if reason then
   redis.call('ZADD', KEYS[4], now, ARGV[5])
   redis.call('HINCRBY', KEYS[2], st, -1)
   redis.call('HINCRBY', KEYS[2], 'dead', 1)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  expire_all(KEYS[1], ARGV[4])
   keep_raw(KEYS[3], ARGV[3], KEYS[1])
   ack(KEYS[3], ARGV[2], ARGV[3])
   return {'dead', reason}
@@ -183,7 +206,8 @@ redis.call('HINCRBY', KEYS[2], 'sending', -1)
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'refused', ARGV[9]) end
 if ARGV[1] == 'sent' then
   redis.call('HSET', KEYS[1], 'status', 'sent', 'sent_ms', now, 'updated_ms', now)
-  redis.call('HDEL', KEYS[1], 'raw', 'next_attempt_ms')
+  redis.call('HDEL', KEYS[1], 'raw', 'body', 'next_attempt_ms')
+  drop_body(KEYS[1])
   redis.call('HINCRBY', KEYS[2], 'sent', 1)
 elseif ARGV[1] == 'retry' then
   local at = now + tonumber(ARGV[6])
@@ -199,7 +223,7 @@ else
   redis.call('HINCRBY', KEYS[2], 'dead', 1)
 end
 if ARGV[1] ~= 'sent' then keep_raw(KEYS[3], ARGV[3], KEYS[1]) end
-redis.call('PEXPIRE', KEYS[1], ttl)
+expire_all(KEYS[1], ttl)
 ack(KEYS[3], ARGV[2], ARGV[3])
 return 1
 "#;
@@ -211,7 +235,8 @@ if not st then return -1 end
 if st ~= 'queued' and st ~= 'scheduled' and st ~= 'retrying' then return 0 end
 -- A queued mail's stream entry stays; the worker that reads it sees 'cancelled'.
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_ms', now)
-redis.call('HDEL', KEYS[1], 'raw', 'next_attempt_ms')
+redis.call('HDEL', KEYS[1], 'raw', 'body', 'next_attempt_ms')
+drop_body(KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], st, -1)
 redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
@@ -262,6 +287,15 @@ pub struct Queue {
     rate_script: Script,
 }
 
+/// A message larger than this is not carried in a script's arguments or a stream
+/// entry: it goes into its own key in [`BODY_PIECE`]s first.
+pub const INLINE_BODY: usize = 256 * 1024;
+/// The most message bytes one command writes or reads.
+pub const BODY_PIECE: usize = 1 << 20;
+/// A body key written for a mail that was then never enqueued (the daemon died in
+/// between) expires after this.
+const ORPHAN_BODY_MS: u64 = 3_600_000;
+
 /// One mail for [`Queue::enqueue`].
 #[derive(Debug)]
 pub struct NewMail {
@@ -269,6 +303,22 @@ pub struct NewMail {
     /// When to send (Unix ms); 0 or a past time = now.
     pub send_at_ms: u64,
     pub idempotency_key: Option<String>,
+}
+
+impl NewMail {
+    /// Whether the message goes through its body key (see [`Queue::store_body`]).
+    pub fn in_body_key(&self) -> bool {
+        self.built.raw.len() > INLINE_BODY
+    }
+
+    /// Bytes the enqueue script carries for this mail.
+    pub fn inline_len(&self) -> usize {
+        if self.in_body_key() {
+            0
+        } else {
+            self.built.raw.len()
+        }
+    }
 }
 
 /// What `enqueue` did.
@@ -341,6 +391,19 @@ pub struct Entry {
     pub mail_id: String,
     /// The message, when the entry carries it (entries of satchel 0.1 do not).
     pub raw: Option<Vec<u8>>,
+    /// The message is in its body key (it is over [`INLINE_BODY`]).
+    pub body: bool,
+}
+
+impl Entry {
+    /// Where BEGIN finds the message (its ARGV[6]).
+    fn message_at(&self) -> &'static str {
+        match (&self.raw, self.body) {
+            (Some(_), _) => "raw",
+            (None, true) => "body",
+            (None, false) => "",
+        }
+    }
 }
 
 /// What one `XAUTOCLAIM` step took over.
@@ -374,6 +437,7 @@ fn script(body: &str, helpers: &[&str]) -> Script {
 
 fn script_text(body: &str, helpers: &[&str]) -> String {
     let mut s = String::from(NOW);
+    s.push_str(BODY);
     for h in helpers {
         s.push_str(h);
     }
@@ -471,6 +535,7 @@ impl Queue {
             .arg(self.idem_key(""));
         for m in mails {
             let b = &m.built;
+            let body = m.in_body_key();
             inv.arg(&b.mail_id)
                 .arg(m.send_at_ms)
                 .arg(m.idempotency_key.as_deref().unwrap_or(""))
@@ -479,7 +544,8 @@ impl Queue {
                 .arg(b.to_display.join("\n"))
                 .arg(&b.subject)
                 .arg(&b.message_id)
-                .arg(&b.raw[..]);
+                .arg(if body { &[][..] } else { &b.raw[..] })
+                .arg(if body { "1" } else { "" });
         }
         let v: Value = backend.invoke(&inv).await?;
         match &v {
@@ -531,7 +597,7 @@ impl Queue {
                     .arg(&entry.id)
                     .arg(retention_ms)
                     .arg(&entry.mail_id)
-                    .arg(if entry.raw.is_some() { "1" } else { "0" }),
+                    .arg(entry.message_at()),
             )
             .await?;
         let Value::Array(items) = &v else {
@@ -740,6 +806,60 @@ impl Queue {
         })
     }
 
+    /// Writes a large message into its body key in pieces of at most
+    /// [`BODY_PIECE`], one command each, so Redis is never busy with one command
+    /// for long. The key expires unless the enqueue script adopts it.
+    pub async fn store_body(
+        &self,
+        backend: &Backend,
+        mail_id: &str,
+        raw: &[u8],
+    ) -> Result<(), BackendError> {
+        let key = format!("{}:b", self.status_key(mail_id));
+        for (i, piece) in raw.chunks(BODY_PIECE).enumerate() {
+            let mut pipe = redis::pipe();
+            if i == 0 {
+                // Atomic: a key without its expiry would outlive a crash here.
+                pipe.atomic()
+                    .cmd("UNLINK")
+                    .arg(&key)
+                    .ignore()
+                    .cmd("RPUSH")
+                    .arg(&key)
+                    .arg(piece)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(ORPHAN_BODY_MS)
+                    .ignore();
+            } else {
+                pipe.cmd("RPUSH").arg(&key).arg(piece).ignore();
+            }
+            let _: Value = backend.pipeline(&pipe).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads a message from its body key, one piece per command.
+    pub async fn read_body(
+        &self,
+        backend: &Backend,
+        mail_id: &str,
+    ) -> Result<Vec<u8>, BackendError> {
+        let key = format!("{}:b", self.status_key(mail_id));
+        let pieces: u64 = backend.query(redis::cmd("LLEN").arg(&key)).await?;
+        let mut raw = Vec::with_capacity(pieces as usize * BODY_PIECE);
+        for i in 0..pieces {
+            let piece: Option<Vec<u8>> =
+                backend.query(redis::cmd("LINDEX").arg(&key).arg(i)).await?;
+            match piece {
+                Some(p) => raw.extend_from_slice(&p),
+                None => break, // deleted meanwhile (cancelled)
+            }
+        }
+        Ok(raw)
+    }
+
     /// Stream entries not yet acknowledged (waiting + in flight).
     pub async fn depth(&self, backend: &Backend) -> Result<u64, BackendError> {
         backend.query(redis::cmd("XLEN").arg(&self.stream)).await
@@ -868,6 +988,7 @@ fn entries_of(list: &Value) -> Vec<Entry> {
             id,
             mail_id: field("id").and_then(text).unwrap_or_default(),
             raw: field("raw").and_then(bytes),
+            body: field("body").is_some(),
         });
     }
     out

@@ -295,6 +295,18 @@ async fn deliver_inner(mail: &MailService, cfg: &MailConfig, entry: &Entry) {
         }
     };
     let _sending = mail.counters.sending.enter();
+    let body = if entry.body {
+        match mail.queue.read_body(backend, mail_id).await {
+            Ok(body) => Some(body),
+            Err(e) => {
+                // Not begun for SMTP: the entry stays pending and is reclaimed.
+                tracing::warn!(%mail_id, error = %e, "cannot read the message; it stays pending");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let ready = match ready {
         Some(ready) => ready,
         None => mail.transport.ready().await,
@@ -305,7 +317,7 @@ async fn deliver_inner(mail: &MailService, cfg: &MailConfig, entry: &Entry) {
             ready,
             &from,
             &rcpts,
-            entry.raw.as_deref().unwrap_or(&raw),
+            body.as_deref().or(entry.raw.as_deref()).unwrap_or(&raw),
             mail_id,
         )
         .await;

@@ -244,22 +244,29 @@ pub fn encode_result<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, OpError>
         .map_err(|e| OpError::new(ErrorCode::Internal, format!("cannot encode result: {e}")))
 }
 
-/// One encoded response body (the frame codec adds the length prefix).
+/// One encoded response body, in two parts so that a large `result` (an `mget`
+/// answer of many MiB) is never copied: `head` is the envelope up to the result,
+/// `result` the result's bytes (empty for an error, whose `head` is all of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response(pub Bytes);
+pub struct Response {
+    head: Vec<u8>,
+    result: Vec<u8>,
+}
 
 impl Response {
     /// `{"id": id, "ok": true, "result": <result>}`; `result` is already encoded.
-    pub fn ok(id: u64, result: &[u8]) -> Response {
-        let mut w = Writer::with_capacity(24 + result.len());
+    pub fn ok(id: u64, result: Vec<u8>) -> Response {
+        let mut w = Writer::with_capacity(24);
         w.map(3)
             .str("id")
             .uint(id)
             .str("ok")
             .bool(true)
-            .str("result")
-            .raw(result);
-        Response(Bytes::from(w.into_vec()))
+            .str("result");
+        Response {
+            head: w.into_vec(),
+            result,
+        }
     }
 
     /// `{"id": id|nil, "ok": false, "error": {"code", "message", ...}}`.
@@ -283,7 +290,32 @@ impl Response {
         if let Some(field) = &err.field {
             w.str("field").str(field);
         }
-        Response(Bytes::from(w.into_vec()))
+        Response {
+            head: w.into_vec(),
+            result: Vec::new(),
+        }
+    }
+
+    /// Bytes of the body (without the length prefix).
+    pub fn len(&self) -> usize {
+        self.head.len() + self.result.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The envelope and the result, to write one after the other.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<u8>) {
+        (self.head, self.result)
+    }
+
+    /// The whole body in one buffer (a copy; for tests and small answers).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.result);
+        out
     }
 }
 
@@ -366,9 +398,9 @@ mod tests {
         assert_eq!((req.id, req.op()), (1, "ping"));
         let mut pong = Writer::new();
         pong.str("pong");
-        let response = Response::ok(1, pong.as_slice());
+        let response = Response::ok(1, pong.into_vec());
         assert_eq!(
-            &response.0[..],
+            &response.to_vec()[..],
             &[
                 0x83, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x6b, 0xc3, 0xa6, 0x72, 0x65, 0x73, 0x75,
                 0x6c, 0x74, 0xa4, 0x70, 0x6f, 0x6e, 0x67

@@ -15,7 +15,8 @@
 //! and one response) however the client behaves, and while the client does read, it
 //! may write up to `max_inflight_per_conn` requests before reading anything.
 
-use std::io::ErrorKind;
+use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ const YIELD_EVERY: usize = 16;
 /// An idle connection's output buffer keeps at most this much capacity, so a burst
 /// of large answers does not pin memory for the life of the connection.
 const KEEP_CAPACITY: usize = 64 * 1024;
+/// An answer's result at least this large is written from its own buffer.
+const OWN_CHUNK: usize = 64 * 1024;
 /// How long the last answers may take to drain once the connection is closing.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
@@ -49,14 +52,19 @@ const FINAL_FLUSH: Duration = Duration::from_secs(1);
 pub(crate) async fn refuse(stream: UnixStream, err: OpError) {
     let (_, wr) = stream.into_split();
     let mut out = Output::new(wr, usize::MAX);
-    out.push(&Response::error(None, &err));
+    out.push(Response::error(None, &err));
     let _ = tokio::time::timeout(FINAL_FLUSH, out.drain()).await;
 }
 
-/// The responses waiting to be written, and the socket they go to.
+/// The responses waiting to be written, and the socket they go to. Small answers
+/// coalesce in `tail`; a large result goes into the queue as its own chunk, as it
+/// came from the service, so it is never copied (writes are vectored).
 struct Output {
     wr: OwnedWriteHalf,
-    buf: BytesMut,
+    queue: VecDeque<Bytes>,
+    tail: BytesMut,
+    /// Bytes in `queue` and `tail`.
+    pending: usize,
     max: usize,
 }
 
@@ -64,38 +72,71 @@ impl Output {
     fn new(wr: OwnedWriteHalf, max: usize) -> Output {
         Output {
             wr,
-            buf: BytesMut::new(),
+            queue: VecDeque::new(),
+            tail: BytesMut::new(),
+            pending: 0,
             max,
         }
     }
 
-    fn push(&mut self, response: &Response) {
-        self.buf.reserve(4 + response.0.len());
-        self.buf.put_u32(response.0.len() as u32);
-        self.buf.extend_from_slice(&response.0);
+    fn push(&mut self, response: Response) {
+        let len = response.len();
+        let (head, result) = response.into_parts();
+        self.tail.reserve(4 + head.len());
+        self.tail.put_u32(len as u32);
+        self.tail.extend_from_slice(&head);
+        if result.len() >= OWN_CHUNK {
+            self.queue.push_back(self.tail.split().freeze());
+            self.queue.push_back(Bytes::from(result));
+        } else {
+            self.tail.extend_from_slice(&result);
+        }
+        self.pending += 4 + len;
     }
 
     fn pending(&self) -> bool {
-        !self.buf.is_empty()
+        self.pending > 0
     }
 
     /// Whether the client is far enough behind that reading must pause.
     fn full(&self) -> bool {
-        self.buf.len() >= self.max
+        self.pending >= self.max
     }
 
-    /// Writes as much as the socket takes now, without waiting.
+    /// One vectored write of what is pending, as much as the socket takes now.
+    /// One per call: a client reading a 60 MiB answer as fast as it comes must not
+    /// keep this task in a write loop while other requests wait.
     fn write_now(&mut self) -> std::io::Result<()> {
-        while !self.buf.is_empty() {
-            match self.wr.try_write(&self.buf) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => self.buf.advance(n),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.queue.len().min(63) + 1);
+        slices.extend(self.queue.iter().take(63).map(|c| IoSlice::new(c)));
+        if slices.len() == self.queue.len() && !self.tail.is_empty() {
+            slices.push(IoSlice::new(&self.tail));
+        }
+        let mut n = match self.wr.try_write_vectored(&slices) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.pending -= n;
+        while n > 0 {
+            match self.queue.front_mut() {
+                Some(chunk) if chunk.len() <= n => {
+                    n -= chunk.len();
+                    self.queue.pop_front();
+                }
+                Some(chunk) => {
+                    chunk.advance(n);
+                    n = 0;
+                }
+                None => {
+                    self.tail.advance(n);
+                    n = 0;
+                }
             }
         }
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf = BytesMut::new();
+        if self.tail.is_empty() && self.tail.capacity() > KEEP_CAPACITY {
+            self.tail = BytesMut::new();
         }
         Ok(())
     }
@@ -155,10 +196,10 @@ pub(crate) async fn serve(
             biased;
             Some((response, len)) = inflight.next(), if !inflight.is_empty() => {
                 inflight_bytes -= len;
-                out.push(&response);
+                out.push(response);
                 while let Some(Some((response, len))) = inflight.next().now_or_never() {
                     inflight_bytes -= len;
-                    out.push(&response);
+                    out.push(response);
                 }
             }
             _ = shutdown.cancelled(), if !draining => draining = true,
@@ -211,7 +252,7 @@ pub(crate) async fn serve(
                     }
                 };
                 if let Some(response) = response {
-                    out.push(&response);
+                    out.push(response);
                 }
             }
             ready = out.wr.writable(), if out.pending() => {
@@ -233,7 +274,7 @@ fn answer_buffered(
     let mut codec = reader.decoder().clone();
     while let Ok(Some(frame)) = codec.decode(reader.read_buffer_mut()) {
         shared.stats.requests.inc();
-        out.push(&shutting_down(shared, &frame));
+        out.push(shutting_down(shared, &frame));
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Respon
         },
     };
     match result {
-        Ok(body) => Response::ok(req.id, &body),
+        Ok(body) => Response::ok(req.id, body),
         Err(err) => {
             shared.stats.errors.inc();
             Response::error(Some(req.id), &err)
