@@ -23,6 +23,46 @@ const SLOW_US: u64 = 20_000;
 /// The daemon's RSS bound while a hostile loop runs (documented in RELIABILITY.md).
 const MAX_RSS_KIB: u64 = 256 * 1024;
 
+/// These tests measure latency on a 2-core machine: one at a time, or they measure
+/// each other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Sends one request on a fresh connection and reads the answer's bytes without
+/// decoding them: a hostile client that costs the test process no CPU to speak of.
+async fn raw_call(socket: std::path::PathBuf, body: Vec<u8>) -> Result<Value, ClientError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|_| ClientError::Closed)?;
+    s.write_all(&frame(&body))
+        .await
+        .map_err(|_| ClientError::Closed)?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)
+        .await
+        .map_err(|_| ClientError::Closed)?;
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut rest)
+        .await
+        .map_err(|_| ClientError::Closed)?;
+    Ok(Value::from(rest.len()))
+}
+
+fn mget_body(keys: &[String]) -> Vec<u8> {
+    let mut w = satchel::protocol::msgpack::Writer::new();
+    w.map(3)
+        .str("id")
+        .uint(1)
+        .str("op")
+        .str("cache.mget")
+        .str("keys");
+    w.array(keys.len() as u32);
+    for k in keys {
+        w.str(k);
+    }
+    w.into_vec()
+}
+
 fn values(keys: &[String]) -> Value {
     Value::Array(keys.iter().map(|k| Value::from(k.as_str())).collect())
 }
@@ -165,6 +205,7 @@ async fn fill_keys(client: &Client, keys: &[String], bytes: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_cache_requests_do_not_stall_anyone_else() {
+    let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
     let daemon = Daemon::start(&redis.url(), &[]);
     let client = daemon.client().await;
@@ -217,10 +258,10 @@ async fn the_largest_cache_requests_do_not_stall_anyone_else() {
         .await
         .unwrap();
     assert_eq!(r.as_array().unwrap().len(), 60);
-    let big = Arc::new(big);
-    under_load("mget 60 x 1 MiB values", &redis, &daemon, move |c| {
-        let b = big.clone();
-        async move { c.call("cache.mget", vec![("keys", values(&b))]).await }
+    let body = mget_body(&big);
+    let socket = daemon.socket.clone();
+    under_load("mget 60 x 1 MiB values", &redis, &daemon, move |_| {
+        raw_call(socket.clone(), body.clone())
     })
     .await;
 
@@ -243,6 +284,7 @@ async fn the_largest_cache_requests_do_not_stall_anyone_else() {
 
 #[tokio::test]
 async fn cache_requests_over_a_limit_are_too_large_at_once_and_do_nothing() {
+    let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
     let daemon = Daemon::start(&redis.url(), &[]);
     let client = daemon.client().await;
@@ -297,6 +339,7 @@ fn recipients(n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_mails_do_not_stall_anyone_else() {
+    let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
     // No delivery: this is about accepting mail.
     let daemon = Daemon::start(&redis.url(), &[("SATCHEL_MAIL_ENABLED", "false")]);

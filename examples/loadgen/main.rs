@@ -8,6 +8,7 @@
 //! one after the other, and prints ratios.
 
 mod cache;
+mod fanout;
 mod mail;
 mod soak;
 mod stats;
@@ -22,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen ping|cache|mail|soak [--secs N] [--runs N] [--rate OPS]");
+    eprintln!("usage: loadgen ping|cache|mail|fanout|soak [--secs N] [--runs N] [--rate OPS]");
     std::process::exit(2)
 }
 
@@ -53,6 +54,7 @@ fn main() {
             soak::run(secs, rate)
         }
         Some("mail") => mail::mail(Duration::from_secs(secs), runs),
+        Some("fanout") => fanout::run(Duration::from_secs(secs), runs),
         Some("--echo-server") => echo_server(Path::new(
             args.get(1).map(String::as_str).unwrap_or_else(|| usage()),
         )),
@@ -130,6 +132,11 @@ fn satchel_bin() -> PathBuf {
 
 /// Starts `satchel serve` on a private socket against `redis_url`.
 pub fn start_daemon(dir: &Path, redis_url: &str) -> (Proc, PathBuf) {
+    start_daemon_with(dir, redis_url, &[])
+}
+
+/// As [`start_daemon`], with extra `SATCHEL_*` settings.
+pub fn start_daemon_with(dir: &Path, redis_url: &str, env: &[(&str, &str)]) -> (Proc, PathBuf) {
     let socket = dir.join("satchel.sock");
     let bin = satchel_bin();
     assert!(
@@ -142,6 +149,7 @@ pub fn start_daemon(dir: &Path, redis_url: &str) -> (Proc, PathBuf) {
         .env("SATCHEL_SERVER_SOCKET", &socket)
         .env("SATCHEL_REDIS_URL", redis_url)
         .env("SATCHEL_LOG_LEVEL", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -140,8 +140,9 @@ pub struct MailService {
     queue: Queue,
     enqueuer: Arc<batch::Enqueuer>,
     transport: Arc<Transport>,
-    /// Renders running on the blocking pool at once (one per CPU): more would only
-    /// queue for the cores, holding their messages in memory meanwhile.
+    /// Renders running on the blocking pool at once: half the CPUs (at least one),
+    /// so that big renders leave a core to the runtime thread and to Redis on a
+    /// small host; more would only queue, holding their messages in memory.
     render_slots: Arc<tokio::sync::Semaphore>,
     pub counters: MailCounters,
     /// This daemon's consumer name in the group: unique per process.
@@ -168,7 +169,7 @@ impl MailService {
             transport: Arc::new(Transport::from_config(&cfg.mail)?),
             counters: MailCounters::default(),
             render_slots: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
+                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             )),
             consumer: format!(
                 "{}-{}-{:04x}",
