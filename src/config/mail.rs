@@ -66,6 +66,10 @@ pub struct MailConfig {
     pub smtp_connect_timeout_ms: u64,
     pub smtp_command_timeout_ms: u64,
     pub on_redis_down: OnRedisDown,
+    /// Each peer uid (SO_PEERCRED) sees and steers only its own mail.
+    pub isolate_by_uid: bool,
+    /// Uids that see and steer every app's mail (the operator's CLI).
+    pub admin_uids: Vec<u32>,
 }
 
 /// `smtp_url` in the file and the environment is a string, `""` meaning none.
@@ -115,6 +119,8 @@ impl Default for MailConfig {
             smtp_connect_timeout_ms: 10_000,
             smtp_command_timeout_ms: 60_000,
             on_redis_down: OnRedisDown::Error,
+            isolate_by_uid: false,
+            admin_uids: vec![0],
         }
     }
 }

@@ -79,6 +79,8 @@ pub enum MailError {
     Backend(#[from] BackendError),
     #[error("redis is down and direct delivery failed: {0}")]
     Direct(SendError),
+    #[error("mail.isolate_by_uid is on but the peer's uid is unknown")]
+    NoPeerUid,
 }
 
 impl MailError {
@@ -91,6 +93,7 @@ impl MailError {
             MailError::Backend(e) => e.code(),
             MailError::Direct(SendError::Permanent(_)) => ErrorCode::InvalidMail,
             MailError::Direct(SendError::Transient(_)) => ErrorCode::Unavailable,
+            MailError::NoPeerUid => ErrorCode::Forbidden,
         }
     }
 }
@@ -112,7 +115,7 @@ impl From<MailError> for OpError {
             MailError::Direct(SendError::Transient(_)) => {
                 OpError::new(e.code(), e.to_string()).with_retry_after(1000)
             }
-            MailError::NotFound(_) => OpError::new(e.code(), e.to_string()),
+            MailError::NotFound(_) | MailError::NoPeerUid => OpError::new(e.code(), e.to_string()),
         }
     }
 }
@@ -186,10 +189,10 @@ impl MailService {
     async fn run_op(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         match req.op() {
             "mail.send" => self.send(ctx, req).await,
-            "mail.status" => self.status(req).await,
+            "mail.status" => self.status(ctx, req).await,
             "mail.cancel" => self.cancel(ctx, req).await,
-            "mail.retry" => self.retry(req).await,
-            "mail.dead" => self.dead(req).await,
+            "mail.retry" => self.retry(ctx, req).await,
+            "mail.dead" => self.dead(ctx, req).await,
             other => Err(OpError::new(
                 ErrorCode::UnknownOp,
                 format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -244,6 +247,9 @@ struct SendResult {
 
 #[derive(Serialize)]
 struct StatusResult {
+    /// The sender's uid: only in an admin's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
     mail_id: String,
     status: MailStatus,
     attempts: u64,
@@ -268,6 +274,9 @@ struct RetryResult {
 
 #[derive(Serialize)]
 struct DeadEntry {
+    /// The sender's uid: only in an admin's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
     mail_id: String,
     to: Vec<String>,
     subject: String,
@@ -293,6 +302,18 @@ fn check_draft(draft: &message::Draft) -> Result<(), MailError> {
         });
     }
     Ok(())
+}
+
+/// Whose mail this caller may see, and whether it is an admin (`mail.admin_uids`,
+/// whose answers name each mail's owner).
+fn scope_of(ctx: RequestCtx<'_>) -> Result<(queue::Scope, bool), MailError> {
+    let mc = &ctx.config.mail;
+    let admin = ctx.peer.uid.is_some_and(|u| mc.admin_uids.contains(&u));
+    if !mc.isolate_by_uid || admin {
+        return Ok((queue::Scope::All, admin));
+    }
+    let uid = ctx.peer.uid.ok_or(MailError::NoPeerUid)?;
+    Ok((queue::Scope::Owner(uid), false))
 }
 
 fn mail_id(req: &Request) -> Result<&str, OpError> {
@@ -337,6 +358,9 @@ impl MailService {
 
     async fn send(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let mc = &ctx.config.mail;
+        if mc.isolate_by_uid && ctx.peer.uid.is_none() {
+            return Err(MailError::NoPeerUid.into());
+        }
         let (draft, built) = self.render(req, message::Limits::of(mc)).await?;
         let send_at = draft.send_at_ms.map_or(0, |ms| ms.max(0) as u64);
         let settings = batch::EnqueueSettings {
@@ -350,7 +374,14 @@ impl MailService {
                 let new = queue::NewMail {
                     built,
                     send_at_ms: send_at,
-                    idempotency_key: draft.idempotency_key.clone(),
+                    // Per uid when isolated: two apps' keys never collide.
+                    idempotency_key: draft.idempotency_key.clone().map(|k| {
+                        match (mc.isolate_by_uid, ctx.peer.uid) {
+                            (true, Some(uid)) => format!("u{uid}:{k}"),
+                            _ => k,
+                        }
+                    }),
+                    owner: ctx.peer.uid,
                 };
                 // A large message goes to Redis in pieces before the (batched)
                 // enqueue script adopts it.
@@ -397,14 +428,16 @@ impl MailService {
         }
     }
 
-    async fn status(&self, req: &Request) -> OpResult {
+    async fn status(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let id = mail_id(req)?;
+        let (scope, admin) = scope_of(ctx)?;
         let rec = self
             .queue
-            .status(&self.backend, id)
+            .status(&self.backend, id, scope)
             .await?
             .ok_or_else(|| MailError::NotFound(id.to_owned()))?;
         encode(&StatusResult {
+            uid: rec.owner.filter(|_| admin),
             mail_id: id.to_owned(),
             status: rec.status,
             attempts: rec.attempts,
@@ -418,17 +451,19 @@ impl MailService {
     async fn cancel(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let id = mail_id(req)?;
         let retention = ctx.config.mail.status_retention_ms;
+        let (scope, _) = scope_of(ctx)?;
         let r = self
             .queue
-            .cancel(&self.backend, id, retention)
+            .cancel(&self.backend, id, retention, scope)
             .await?
             .ok_or_else(|| MailError::NotFound(id.to_owned()))?;
         encode(&CancelResult { cancelled: r })
     }
 
-    async fn retry(&self, req: &Request) -> OpResult {
+    async fn retry(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let id = mail_id(req)?;
-        match self.queue.retry(&self.backend, id).await? {
+        let (scope, _) = scope_of(ctx)?;
+        match self.queue.retry(&self.backend, id, scope).await? {
             Ok(()) => encode(&RetryResult {
                 status: MailStatus::Queued,
             }),
@@ -441,15 +476,17 @@ impl MailService {
         }
     }
 
-    async fn dead(&self, req: &Request) -> OpResult {
+    async fn dead(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let limit = req
             .opt_positive("limit")?
             .unwrap_or(DEAD_DEFAULT_LIMIT)
             .min(DEAD_MAX_LIMIT);
-        let rows = self.queue.dead(&self.backend, limit).await?;
+        let (scope, admin) = scope_of(ctx)?;
+        let rows = self.queue.dead(&self.backend, limit, scope).await?;
         let out: Vec<DeadEntry> = rows
             .into_iter()
             .map(|r| DeadEntry {
+                uid: r.owner.filter(|_| admin),
                 mail_id: r.mail_id,
                 to: r.to,
                 subject: r.subject,

@@ -45,6 +45,28 @@ const NOW: &str = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 10
 const BODY: &str = "local function expire_all(sk, ms) redis.call('PEXPIRE', sk, ms); redis.call('PEXPIRE', sk .. ':b', ms) end
 local function persist_all(sk) redis.call('PERSIST', sk); redis.call('PERSIST', sk .. ':b') end
 local function drop_body(sk) redis.call('UNLINK', sk .. ':b') end
+-- Dead mail is listed in the queue's dead set and in its owner's (`<dead>:u<uid>`),
+-- so an app's `mail.dead` reads only its own.
+local function add_dead(dead, sk, id, at)
+  redis.call('ZADD', dead, at, id)
+  local o = redis.call('HGET', sk, 'owner')
+  if o then redis.call('ZADD', dead .. ':u' .. o, at, id) end
+end
+local function trim_dead(dead, sk, before)
+  redis.call('ZREMRANGEBYSCORE', dead, '-inf', before)
+  local o = redis.call('HGET', sk, 'owner')
+  if o then redis.call('ZREMRANGEBYSCORE', dead .. ':u' .. o, '-inf', before) end
+end
+local function rem_dead(dead, sk, id)
+  redis.call('ZREM', dead, id)
+  local o = redis.call('HGET', sk, 'owner')
+  if o then redis.call('ZREM', dead .. ':u' .. o, id) end
+end
+-- Whether the caller may see this record: ARGV owner '' means any (an admin, or
+-- isolation off); otherwise the record's owner must be that uid.
+local function visible(sk, owner)
+  return owner == '' or redis.call('HGET', sk, 'owner') == owner
+end
 ";
 
 const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end
@@ -84,13 +106,14 @@ end
 /// KEYS: stream, sched, counts.  ARGV: idem_ttl_ms, retention_ms, status key prefix,
 /// idempotency key prefix, then per mail ENQUEUE_ARGS values: mail_id, send_at_ms
 /// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw
-/// ('' when the message is in its body key), body ('1' when it is).
+/// ('' when the message is in its body key), body ('1' when it is), owner (the
+/// sender's uid, '' unknown).
 /// → per mail: mail_id, status, duplicate (0|1). Mails are handled in order, so two
 /// in one batch with the same idempotency key behave as two calls would.
 const ENQUEUE: &str = r#"
 local idem_ttl, retention, sp, ip = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local out, added = {}, {queued = 0, scheduled = 0}
-for j = 5, #ARGV, 10 do
+for j = 5, #ARGV, 11 do
   local id, send_at, ikey = ARGV[j], tonumber(ARGV[j + 1]), ARGV[j + 2]
   local existing = nil
   if ikey ~= '' then
@@ -111,6 +134,7 @@ for j = 5, #ARGV, 10 do
       'message_id', ARGV[j + 7])
     local body = ARGV[j + 9] == '1'
     if body then redis.call('HSET', sk, 'body', 1) end
+    if ARGV[j + 10] ~= '' then redis.call('HSET', sk, 'owner', ARGV[j + 10]) end
     if status == 'scheduled' then
       redis.call('HSET', sk, 'next_attempt_ms', send_at)
       if not body then redis.call('HSET', sk, 'raw', ARGV[j + 8]) end
@@ -176,7 +200,7 @@ elseif attempts >= tonumber(ARGV[1]) then
 end
 if reason then
   redis.call('HSET', KEYS[1], 'status', 'dead', 'last_error', reason, 'dead_ms', now, 'updated_ms', now)
-  redis.call('ZADD', KEYS[4], now, ARGV[5])
+  add_dead(KEYS[4], KEYS[1], ARGV[5], now)
   redis.call('HINCRBY', KEYS[2], st, -1)
   redis.call('HINCRBY', KEYS[2], 'dead', 1)
   expire_all(KEYS[1], ARGV[4])
@@ -218,8 +242,8 @@ elseif ARGV[1] == 'retry' then
   ttl = ttl + tonumber(ARGV[6])
 else
   redis.call('HSET', KEYS[1], 'status', 'dead', 'last_error', ARGV[5], 'dead_ms', now, 'updated_ms', now)
-  redis.call('ZADD', KEYS[5], now, ARGV[8])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
+  add_dead(KEYS[5], KEYS[1], ARGV[8], now)
+  trim_dead(KEYS[5], KEYS[1], now - ttl)
   redis.call('HINCRBY', KEYS[2], 'dead', 1)
 end
 if ARGV[1] ~= 'sent' then keep_raw(KEYS[3], ARGV[3], KEYS[1]) end
@@ -228,10 +252,11 @@ ack(KEYS[3], ARGV[2], ARGV[3])
 return 1
 "#;
 
-/// KEYS: status, sched, counts.  ARGV: mail_id, retention_ms.  → -1 unknown, 0 no, 1 yes
+/// KEYS: status, sched, counts.  ARGV: mail_id, retention_ms, owner ('' = any).
+/// → -1 unknown (or another uid's), 0 no, 1 yes
 const CANCEL: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return -1 end
+if not st or not visible(KEYS[1], ARGV[3]) then return -1 end
 if st ~= 'queued' and st ~= 'scheduled' and st ~= 'retrying' then return 0 end
 -- A queued mail's stream entry stays; the worker that reads it sees 'cancelled'.
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_ms', now)
@@ -244,15 +269,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// KEYS: status, stream, dead, counts.  ARGV: mail_id. (Queued again, the record has
-/// no expiry.) → -1 unknown, 1 requeued, or the current status (not dead).
+/// KEYS: status, stream, dead, counts.  ARGV: mail_id, owner ('' = any). (Queued
+/// again, the record has no expiry.) → -1 unknown (or another uid's), 1 requeued,
+/// or the current status (not dead).
 const RETRY: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return -1 end
+if not st or not visible(KEYS[1], ARGV[2]) then return -1 end
 if st ~= 'dead' then return st end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'updated_ms', now)
 redis.call('HDEL', KEYS[1], 'dead_ms', 'next_attempt_ms')
-redis.call('ZREM', KEYS[3], ARGV[1])
+rem_dead(KEYS[3], KEYS[1], ARGV[1])
 requeue(KEYS[2], KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'dead', -1)
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
@@ -302,7 +328,11 @@ pub struct NewMail {
     pub built: super::message::Built,
     /// When to send (Unix ms); 0 or a past time = now.
     pub send_at_ms: u64,
+    /// As stored: with `mail.isolate_by_uid`, prefixed by the owner (`u<uid>:`), so
+    /// two apps' keys never collide.
     pub idempotency_key: Option<String>,
+    /// The uid that sent it (SO_PEERCRED), when known.
+    pub owner: Option<u32>,
 }
 
 impl NewMail {
@@ -370,6 +400,7 @@ pub struct StatusRecord {
     pub next_attempt_ms: Option<u64>,
     pub updated_ms: u64,
     pub refused: Option<String>,
+    pub owner: Option<u32>,
 }
 
 /// One entry of `mail.dead`.
@@ -381,6 +412,33 @@ pub struct DeadRecord {
     pub attempts: u64,
     pub last_error: String,
     pub dead_ms: u64,
+    pub owner: Option<u32>,
+}
+
+/// Whose mail a request may see and steer (`mail.isolate_by_uid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every mail: isolation is off, or the caller is in `mail.admin_uids`.
+    All,
+    /// Only mail this uid sent. Mail with no recorded owner is not among it.
+    Owner(u32),
+}
+
+impl Scope {
+    pub fn sees(self, owner: Option<u32>) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Owner(uid) => owner == Some(uid),
+        }
+    }
+
+    /// The scripts' `visible()` argument: '' = any.
+    fn owner_arg(self) -> String {
+        match self {
+            Scope::All => String::new(),
+            Scope::Owner(uid) => uid.to_string(),
+        }
+    }
 }
 
 /// One stream entry: a mail to deliver.
@@ -545,7 +603,8 @@ impl Queue {
                 .arg(&b.subject)
                 .arg(&b.message_id)
                 .arg(if body { &[][..] } else { &b.raw[..] })
-                .arg(if body { "1" } else { "" });
+                .arg(if body { "1" } else { "" })
+                .arg(m.owner.map(|u| u.to_string()).unwrap_or_default());
         }
         let v: Value = backend.invoke(&inv).await?;
         match &v {
@@ -667,6 +726,7 @@ impl Queue {
         backend: &Backend,
         mail_id: &str,
         retention_ms: u64,
+        scope: Scope,
     ) -> Result<Option<bool>, BackendError> {
         let r: i64 = backend
             .invoke(
@@ -675,7 +735,8 @@ impl Queue {
                     .key(&self.sched)
                     .key(&self.counts)
                     .arg(mail_id)
-                    .arg(retention_ms),
+                    .arg(retention_ms)
+                    .arg(scope.owner_arg()),
             )
             .await?;
         Ok(match r {
@@ -689,6 +750,7 @@ impl Queue {
         &self,
         backend: &Backend,
         mail_id: &str,
+        scope: Scope,
     ) -> Result<Result<(), Option<MailStatus>>, BackendError> {
         let v: Value = backend
             .invoke(
@@ -697,7 +759,8 @@ impl Queue {
                     .key(&self.stream)
                     .key(&self.dead)
                     .key(&self.counts)
-                    .arg(mail_id),
+                    .arg(mail_id)
+                    .arg(scope.owner_arg()),
             )
             .await?;
         Ok(match &v {
@@ -715,10 +778,12 @@ impl Queue {
             .await
     }
 
+    /// The record, or None when there is none the caller may see.
     pub async fn status(
         &self,
         backend: &Backend,
         mail_id: &str,
+        scope: Scope,
     ) -> Result<Option<StatusRecord>, BackendError> {
         let v: Vec<Value> = backend
             .query(redis::cmd("HMGET").arg(self.status_key(mail_id)).arg(&[
@@ -728,12 +793,18 @@ impl Queue {
                 "next_attempt_ms",
                 "updated_ms",
                 "refused",
+                "owner",
             ]))
             .await?;
         let Some(status) = status_of(v.first()) else {
             return Ok(None);
         };
+        let owner = v.get(6).and_then(uint).map(|u| u as u32);
+        if !scope.sees(owner) {
+            return Ok(None);
+        }
         Ok(Some(StatusRecord {
+            owner,
             status,
             attempts: v.get(1).and_then(uint).unwrap_or(0),
             last_error: v.get(2).and_then(text),
@@ -747,11 +818,16 @@ impl Queue {
         &self,
         backend: &Backend,
         limit: u64,
+        scope: Scope,
     ) -> Result<Vec<DeadRecord>, BackendError> {
+        let set = match scope {
+            Scope::All => self.dead.clone(),
+            Scope::Owner(uid) => format!("{}:u{uid}", self.dead),
+        };
         let ids: Vec<String> = backend
             .query(
                 redis::cmd("ZREVRANGE")
-                    .arg(&self.dead)
+                    .arg(&set)
                     .arg(0)
                     .arg(limit.saturating_sub(1)),
             )
@@ -768,6 +844,7 @@ impl Queue {
                 "attempts",
                 "last_error",
                 "dead_ms",
+                "owner",
             ]);
         }
         let rows: Vec<Vec<Value>> = backend.pipeline(&pipe).await?;
@@ -775,6 +852,7 @@ impl Queue {
             .into_iter()
             .zip(rows)
             .filter(|(_, r)| status_of(r.first()) == Some(MailStatus::Dead))
+            .filter(|(_, r)| scope.sees(r.get(6).and_then(uint).map(|u| u as u32)))
             .map(|(mail_id, r)| DeadRecord {
                 mail_id,
                 to: split_list(&r.get(1).and_then(text).unwrap_or_default()),
@@ -782,6 +860,7 @@ impl Queue {
                 attempts: r.get(3).and_then(uint).unwrap_or(0),
                 last_error: r.get(4).and_then(text).unwrap_or_default(),
                 dead_ms: r.get(5).and_then(uint).unwrap_or(0),
+                owner: r.get(6).and_then(uint).map(|u| u as u32),
             })
             .collect())
     }
