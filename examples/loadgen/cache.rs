@@ -175,11 +175,64 @@ where
     all
 }
 
+/// A daemon under test, and what it served during one run.
+struct Target {
+    label: &'static str,
+    socket: PathBuf,
+    pid: u32,
+}
+
+/// Near hits and all hits a daemon has counted so far.
+async fn hit_counts(client: &Client) -> (u64, u64) {
+    let stats = client.stats().await.expect("stats");
+    let cache = satchel::client::get(&stats, "cache").expect("cache stats");
+    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+    let near = satchel::client::get(cache, "near").and_then(|m| satchel::client::get(m, "hits"));
+    (n(near), n(satchel::client::get(cache, "hits")))
+}
+
+/// One measured run against `t`, with the daemon's CPU per get (from /proc) and
+/// how many of the gets were near hits.
+async fn measured(
+    t: &Target,
+    conns: usize,
+    depth: usize,
+    duration: Duration,
+) -> (Samples, f64, u64, u64) {
+    let client = Client::connect(&t.socket).await.expect("connect");
+    let (near0, hits0) = hit_counts(&client).await;
+    let cpu0 = cpu_ticks(t.pid);
+    let s = t.socket.clone();
+    let samples = parallel(conns, move || satchel_gets(s.clone(), depth, duration)).await;
+    let cpu = (cpu_ticks(t.pid) - cpu0) as f64 / 100.0;
+    let (near1, hits1) = hit_counts(&client).await;
+    let gets = hits1 - hits0;
+    (samples, cpu * 1e6 / gets.max(1) as f64, near1 - near0, gets)
+}
+
 pub fn run(duration: Duration, runs: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_redis, port) = start_redis(dir.path());
     let url = format!("redis://127.0.0.1:{port}");
-    let (daemon, socket) = start_daemon(dir.path(), &url);
+    let near_dir = dir.path().join("near");
+    let plain_dir = dir.path().join("plain");
+    std::fs::create_dir_all(&near_dir).expect("dir");
+    std::fs::create_dir_all(&plain_dir).expect("dir");
+    let (daemon, socket) = start_daemon(&near_dir, &url);
+    let (plain, plain_socket) =
+        crate::start_daemon_with(&plain_dir, &url, &[("SATCHEL_CACHE_NEAR", "false")]);
+    let targets = [
+        Target {
+            label: "satchel cache.get, near-cache",
+            socket: socket.clone(),
+            pid: daemon.0.id(),
+        },
+        Target {
+            label: "satchel cache.get, near off",
+            socket: plain_socket,
+            pid: plain.0.id(),
+        },
+    ];
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -203,9 +256,17 @@ pub fn run(duration: Duration, runs: usize) {
                 .await
                 .unwrap();
         }
+        // Warm the near-cache: every key read once (a read right after this
+        // daemon's own write is not kept, see ARCHITECTURE.md).
+        for _ in 0..2 {
+            for i in 0..KEYS {
+                client.cache_get(&key(i)).await.expect("get");
+            }
+        }
         println!(
-            "cache.get hits through satchel vs GET straight to Redis (redis crate), {KEYS} keys, {VALUE_BYTES}-byte values;\n\
-             {runs} alternating runs of {}s per case, medians; 2 cores shared by load generator, daemon and redis-server",
+            "cache.get hits through satchel (near-cache on, and off) vs GET straight to Redis (redis crate),\n\
+             {KEYS} keys, {VALUE_BYTES}-byte values; {runs} alternating runs of {}s per case, medians;\n\
+             2 cores shared by load generator, daemons and redis-server",
             duration.as_secs()
         );
         crate::stats::print_header();
@@ -216,23 +277,34 @@ pub fn run(duration: Duration, runs: usize) {
             if !wanted(&(conns * depth).to_string()) {
                 continue;
             }
-            let mut sat = Vec::new();
             let mut dir_ = Vec::new();
+            let mut per_target: Vec<Vec<(Samples, f64, u64, u64)>> = vec![Vec::new(), Vec::new()];
             for _ in 0..runs {
                 let u = url.clone();
                 dir_.push(parallel(conns, move || direct_gets(u.clone(), depth, duration)).await);
-                let s = socket.clone();
-                sat.push(parallel(conns, move || satchel_gets(s.clone(), depth, duration)).await);
+                for (t, out) in targets.iter().zip(per_target.iter_mut()) {
+                    out.push(measured(t, conns, depth, duration).await);
+                }
             }
             let d = Summary::median_of(&dir_);
-            let s = Summary::median_of(&sat);
             d.print(&format!("direct GET, {conns} conn x {depth}"));
-            s.print(&format!("satchel cache.get, {conns} conn x {depth}"));
-            s.print_ratio("satchel/direct", &d);
+            for (t, out) in targets.iter().zip(per_target) {
+                let cpu = median(out.iter().map(|o| o.1).collect());
+                let near: u64 = out.iter().map(|o| o.2).sum();
+                let gets: u64 = out.iter().map(|o| o.3).sum();
+                let samples: Vec<Samples> = out.into_iter().map(|o| o.0).collect();
+                let s = Summary::median_of(&samples);
+                s.print(&format!("{}, {conns} conn x {depth}", t.label));
+                s.print_ratio("satchel/direct", &d);
+                println!(
+                    "  daemon CPU {cpu:.2} µs per get; near hits {near} of {gets} gets, Redis hits {}",
+                    gets - near
+                );
+            }
         }
         if only.is_some() {
             if wanted("cpu") {
-                cpu_per_get(&socket, daemon.0.id()).await;
+                cpu_per_get(targets[0].label, &socket, daemon.0.id()).await;
             }
             return;
         }
@@ -243,8 +315,14 @@ pub fn run(duration: Duration, runs: usize) {
         }
         Summary::median_of(&pings).print("satchel ping (no Redis), 1 conn x 1");
         herd(&socket, &url).await;
-        cpu_per_get(&socket, daemon.0.id()).await;
+        cpu_per_get(targets[0].label, &socket, daemon.0.id()).await;
+        cpu_per_get(targets[1].label, &targets[1].socket, plain.0.id()).await;
     });
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 /// 200 callers want one missing key whose load takes 50 ms.
@@ -348,7 +426,7 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 
 /// Offers a fixed rate of cache.get (in batches every millisecond) and divides the
 /// daemon's CPU time (utime+stime from /proc) by the requests served.
-async fn cpu_per_get(socket: &Path, pid: u32) {
+async fn cpu_per_get(label: &str, socket: &Path, pid: u32) {
     const RATE: u64 = 20_000;
     const SECS: u64 = 5;
     let client = Client::connect(socket).await.expect("connect");
@@ -372,7 +450,7 @@ async fn cpu_per_get(socket: &Path, pid: u32) {
     while pending.join_next().await.is_some() {}
     let cpu_s = (cpu_ticks(pid) - before) as f64 / ticks_per_sec;
     println!(
-        "daemon CPU at {RATE} gets/s offered for {SECS}s: {:.2} µs per get ({sent} gets, {:.2} s CPU); peak RSS {} KiB",
+        "{label}: daemon CPU at {RATE} gets/s offered for {SECS}s: {:.2} µs per get ({sent} gets, {:.2} s CPU); peak RSS {} KiB",
         cpu_s * 1e6 / sent as f64,
         cpu_s,
         vm_hwm_kib(pid)

@@ -17,6 +17,7 @@
 //! second, until a PING answers.
 
 pub mod reply;
+pub mod tracking;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, ScriptInvocation};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -88,6 +91,8 @@ impl From<BackendError> for OpError {
 /// Shared by every connection task and service; cheap to clone through `Arc`.
 pub struct Backend {
     client: redis::Client,
+    /// The same server over RESP3, for the tracking connection (pushes).
+    resp3: redis::Client,
     conn: ConnectionManager,
     up: AtomicBool,
     wake_probe: Notify,
@@ -120,8 +125,14 @@ impl Backend {
             .into_connection_info()
             .map_err(BackendError::Redis)?;
         let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let client =
-            redis::Client::open(info.set_tcp_settings(tcp)).map_err(BackendError::Redis)?;
+        let info = info.set_tcp_settings(tcp);
+        let resp3_settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let resp3 = redis::Client::open(info.clone().set_redis_settings(resp3_settings))
+            .map_err(BackendError::Redis)?;
+        let client = redis::Client::open(info).map_err(BackendError::Redis)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout()))
             .set_response_timeout(Some(cfg.response_timeout()))
@@ -131,6 +142,7 @@ impl Backend {
             .map_err(BackendError::Redis)?;
         Ok(Arc::new(Backend {
             client,
+            resp3,
             conn,
             up: AtomicBool::new(false),
             wake_probe: Notify::new(),
@@ -175,6 +187,38 @@ impl Backend {
             .await
     }
 
+    /// Runs one read on the tracking connection, so Redis remembers the keys it
+    /// reads for this daemon. None while tracking is down (read through
+    /// [`Backend::query`] then).
+    pub async fn query_tracked<T: FromRedisValue>(
+        &self,
+        tracking: &tracking::Tracking,
+        cmd: &Cmd,
+    ) -> Result<Option<T>, BackendError> {
+        let Some(conn) = tracking.connection() else {
+            return Ok(None);
+        };
+        let reply = self
+            .run_on(conn, |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(Some(reply))
+    }
+
+    /// As [`Backend::query_tracked`], for a pipeline.
+    pub async fn pipeline_tracked<T: FromRedisValue>(
+        &self,
+        tracking: &tracking::Tracking,
+        pipe: &Pipeline,
+    ) -> Result<Option<T>, BackendError> {
+        let Some(conn) = tracking.connection() else {
+            return Ok(None);
+        };
+        let reply = self
+            .run_on(conn, |mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(Some(reply))
+    }
+
     /// Runs one Lua script (EVALSHA, loading it on `NOSCRIPT`).
     pub async fn invoke<T: FromRedisValue>(
         &self,
@@ -197,9 +241,18 @@ impl Backend {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.run_on(self.conn.clone(), call).await
+    }
+
+    async fn run_on<C, T, F, Fut>(&self, conn: C, call: F) -> Result<T, BackendError>
+    where
+        C: ConnectionLike,
+        F: FnOnce(C) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let _permit = self.inflight.acquire().await;
         self.ensure_up()?;
-        let reply = call(self.conn.clone());
+        let reply = call(conn);
         // Alone on the connection (a sequential client): poll for the reply for a few
         // µs instead of sleeping at once. Each yield lets the runtime poll its sockets
         // without blocking, so the reply is picked up without the thread's wake-up

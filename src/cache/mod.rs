@@ -11,6 +11,7 @@
 mod bulk;
 mod keys;
 mod leases;
+pub mod near;
 mod scripts;
 
 use std::sync::atomic::Ordering;
@@ -23,6 +24,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::tracking::Tracking;
 use crate::backend::{Backend, BackendError};
 use crate::config::CacheConfig;
 pub use crate::config::{MAX_LEASE_MS, MAX_WAIT_MS};
@@ -33,6 +35,7 @@ use crate::service::{OpResult, RequestCtx, Service};
 use crate::stats::{Counter, Sample};
 use keys::{KeySpace, decode_blob, encode_blob};
 use leases::{Handoff, Watch, Watches};
+use near::{Lookup, NearCache};
 use scripts::Scripts;
 
 /// Most tags one entry may carry.
@@ -161,6 +164,14 @@ pub struct CacheService {
     /// The shared namespace's keys (every request uses them unless isolate_by_uid).
     shared: KeySpace,
     runtime: OnceLock<Runtime>,
+    /// The near-cache and its tracking connection (None with `cache.near = false`).
+    near: Option<Near>,
+}
+
+/// The near-cache and the Redis tracking that keeps it coherent.
+struct Near {
+    cache: Arc<NearCache>,
+    tracking: Arc<Tracking>,
 }
 
 impl std::fmt::Debug for CacheService {
@@ -177,9 +188,17 @@ enum Fetched {
 }
 
 impl CacheService {
-    pub fn new(backend: Arc<Backend>) -> Arc<CacheService> {
+    pub fn new(backend: Arc<Backend>, cfg: &CacheConfig) -> Arc<CacheService> {
         let prefix = backend.prefix().to_owned();
+        let near = cfg.near.then(|| {
+            let cache = NearCache::new(cfg);
+            Near {
+                tracking: Tracking::new(cache.clone()),
+                cache,
+            }
+        });
         Arc::new(CacheService {
+            near,
             backend,
             scripts: Scripts::default(),
             watches: Arc::new(Watches::default()),
@@ -228,25 +247,96 @@ impl CacheService {
 
     async fn get(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
-        let blob = self.value_blob(&ks.value(key)).await?;
-        let mut w = Writer::with_capacity(blob.as_ref().map_or(8, |b| b.len() + 24));
-        match blob.as_deref().and_then(decode_blob) {
-            Some((value, ttl)) => {
-                self.stats.hits.inc();
-                w.map(3)
-                    .str("hit")
-                    .bool(true)
-                    .str("value")
-                    .raw(value)
-                    .str("ttl_ms")
-                    .uint(ttl);
+        let allow = stale_allowance(cfg, req)?;
+        let vkey = ks.value(key);
+        if let Some(entry) = self.near_hit(&vkey) {
+            return Ok(get_answer(&self.stats, Some(&entry.blob), false));
+        }
+        match self.read_value(cfg, &vkey).await {
+            Ok(blob) => Ok(get_answer(&self.stats, blob.as_deref(), false)),
+            Err(e) => match self.stale(&vkey, allow, &e) {
+                Some(entry) => Ok(get_answer(&self.stats, Some(&entry.blob), true)),
+                None => Err(e.into()),
+            },
+        }
+    }
+
+    /// A fresh near entry for `vkey`, counting the near hit or miss.
+    fn near_hit(&self, vkey: &str) -> Option<Arc<near::NearEntry>> {
+        let near = self.near.as_ref()?;
+        match near.cache.lookup(vkey) {
+            Lookup::Fresh(entry) => {
+                near.cache.stats.hits.inc();
+                Some(entry)
             }
-            None => {
-                self.stats.misses.inc();
-                w.map(1).str("hit").bool(false);
+            _ => {
+                near.cache.stats.misses.inc();
+                None
             }
         }
-        Ok(w.into_vec())
+    }
+
+    /// While Redis is unavailable, a stale near entry the request allows, counted
+    /// as served.
+    fn stale(
+        &self,
+        vkey: &str,
+        allow: Option<Duration>,
+        e: &BackendError,
+    ) -> Option<Arc<near::NearEntry>> {
+        let entry = self.stale_entry(vkey, allow, e)?;
+        self.count_stale(1);
+        Some(entry)
+    }
+
+    /// As [`CacheService::stale`], not yet counted.
+    fn stale_entry(
+        &self,
+        vkey: &str,
+        allow: Option<Duration>,
+        e: &BackendError,
+    ) -> Option<Arc<near::NearEntry>> {
+        let allow = allow?;
+        if !matches!(e, BackendError::Unavailable(_) | BackendError::Timeout(_)) {
+            return None;
+        }
+        self.near.as_ref()?.cache.stale_for(vkey, allow)
+    }
+
+    fn count_stale(&self, n: usize) {
+        if let Some(near) = &self.near {
+            near.cache.stats.stale_served.add(n as u64);
+        }
+    }
+
+    /// Reads one value key from Redis: through the tracking connection (and into
+    /// the near-cache) when tracking is on, else through the shared connection.
+    async fn read_value(
+        &self,
+        cfg: &CacheConfig,
+        vkey: &str,
+    ) -> Result<Option<Vec<u8>>, BackendError> {
+        let cmd = redis::cmd("GET").arg(vkey).to_owned();
+        if let Some(near) = &self.near {
+            let ticket = near.cache.begin(vkey);
+            if let Some(blob) = self
+                .backend
+                .query_tracked::<Option<Vec<u8>>>(&near.tracking, &cmd)
+                .await?
+            {
+                ticket.finish(blob.as_deref(), cfg);
+                return Ok(blob);
+            }
+        }
+        self.backend.query(&cmd).await
+    }
+
+    /// This daemon changed or removed `vkey` in Redis: drop the near entry and void
+    /// reads in flight, before the write is answered (read-your-writes).
+    fn forget(&self, vkey: &str) {
+        if let Some(near) = &self.near {
+            near.cache.forget(vkey);
+        }
     }
 
     async fn mget(
@@ -257,8 +347,8 @@ impl CacheService {
         req: &Request,
     ) -> CacheResult {
         let keys = checked_keys(cfg, req)?;
-        self.read_many(ks, &keys, cfg.max_value_bytes, max_response)
-            .await
+        let allow = stale_allowance(cfg, req)?;
+        self.read_many(cfg, ks, &keys, max_response, allow).await
     }
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -281,7 +371,8 @@ impl CacheService {
         let value = checked_value(cfg, req)?;
         let ttl = ttl_of(cfg, req)?;
         let tags = checked_tags(cfg, req)?;
-        let mut inv = script.key(ks.value(key));
+        let vkey = ks.value(key);
+        let mut inv = script.key(&vkey);
         inv.key(ks.lease(key));
         if let Some(lease) = lease {
             inv.arg(lease);
@@ -294,7 +385,10 @@ impl CacheService {
         for t in &tags {
             inv.arg(*t);
         }
-        Ok(self.backend.invoke(&inv).await?)
+        let outcome = self.backend.invoke(&inv).await;
+        // Even after an error: the write may have happened.
+        self.forget(&vkey);
+        Ok(outcome?)
     }
 
     async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -328,7 +422,11 @@ impl CacheService {
             Some(ms) => ms as u64,
             None => cfg.wait_ms,
         };
+        let allow = stale_allowance(cfg, req)?;
         let vkey = ks.value(key);
+        if let Some(entry) = self.near_hit(&vkey) {
+            return Ok(self.hit_or_miss(&entry.blob));
+        }
         // Someone in this daemon already waits for this key: share their wait.
         if wait_ms > 0 && self.watches.contains(&vkey) {
             return Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await);
@@ -337,8 +435,15 @@ impl CacheService {
         // GET first, but a script call costs Redis and the daemon more (Node getOrSet
         // hits, 64 in flight: 1.5-1.8x the throughput this way, BENCHMARKS.md). Only a
         // miss runs the script, which looks again atomically before leasing.
-        if let Some(blob) = self.value_blob(&vkey).await? {
-            return Ok(self.hit_or_miss(&blob));
+        match self.read_value(cfg, &vkey).await {
+            Ok(Some(blob)) => return Ok(self.hit_or_miss(&blob)),
+            Ok(None) => {}
+            Err(e) => {
+                return match self.stale(&vkey, allow, &e) {
+                    Some(entry) => Ok(stale_hit(&self.stats, &entry.blob)),
+                    None => Err(e.into()),
+                };
+            }
         }
         match self.fetch_once(&vkey, &ks.lease(key), lease_ms).await? {
             Fetched::Hit(blob) => Ok(self.hit_or_miss(&blob)),
@@ -346,11 +451,6 @@ impl CacheService {
             Fetched::Wait(_) if wait_ms == 0 => Ok(miss()),
             Fetched::Wait(_) => Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await),
         }
-    }
-
-    /// The stored blob of one value key (header + value), if any.
-    async fn value_blob(&self, vkey: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        Ok(self.backend.query(redis::cmd("GET").arg(vkey)).await?)
     }
 
     /// `{hit: true, value}`, counting the hit (a foreign blob counts as a miss).
@@ -554,7 +654,7 @@ impl CacheService {
                 )
                 .await?;
             loop {
-                let (n, popped): (u64, u64) = self
+                let (n, popped, members): (u64, u64, Vec<String>) = self
                     .backend
                     .invoke(
                         self.scripts
@@ -564,6 +664,9 @@ impl CacheService {
                             .arg(TAG_BATCH),
                     )
                     .await?;
+                for m in &members {
+                    self.forget(&ks.value(m));
+                }
                 deleted += n;
                 if popped == 0 {
                     break;
@@ -575,7 +678,7 @@ impl CacheService {
             let letter_pos = ks.base().len() + 1;
             let mut cursor = "0".to_owned();
             loop {
-                let (next, n): (String, u64) = self
+                let (next, n, vkeys): (String, u64, Vec<String>) = self
                     .backend
                     .invoke(
                         self.scripts
@@ -586,6 +689,9 @@ impl CacheService {
                             .arg(letter_pos),
                     )
                     .await?;
+                for vkey in &vkeys {
+                    self.forget(vkey);
+                }
                 deleted += n;
                 if next == "0" {
                     break;
@@ -676,6 +782,62 @@ fn checked_tags<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>,
     Ok(tags)
 }
 
+/// The answer to `cache.get` for a blob (None: a miss), counting it.
+fn get_answer(stats: &CacheStats, blob: Option<&[u8]>, stale: bool) -> Vec<u8> {
+    let mut w = Writer::with_capacity(blob.map_or(8, |b| b.len() + 32));
+    match blob.and_then(decode_blob) {
+        Some((value, ttl)) => {
+            stats.hits.inc();
+            w.map(3 + stale as u32)
+                .str("hit")
+                .bool(true)
+                .str("value")
+                .raw(value)
+                .str("ttl_ms")
+                .uint(ttl);
+            if stale {
+                w.str("stale").bool(true);
+            }
+        }
+        None => {
+            stats.misses.inc();
+            w.map(1).str("hit").bool(false);
+        }
+    }
+    w.into_vec()
+}
+
+/// `max_stale_ms` of a read: how old a stale near entry may be to stand in for
+/// Redis while it is unavailable (capped by `cache.max_stale_ms`; absent: never).
+fn stale_allowance(cfg: &CacheConfig, req: &Request) -> Result<Option<Duration>, CacheError> {
+    match req.opt_int("max_stale_ms")? {
+        None => Ok(None),
+        Some(ms) if ms < 0 => Err(invalid("max_stale_ms", "max_stale_ms must be >= 0")),
+        Some(ms) => Ok(Some(Duration::from_millis(
+            (ms as u64).min(cfg.max_stale_ms),
+        ))),
+    }
+}
+
+/// `{hit: true, value, stale: true}`: a near entry standing in for Redis.
+fn stale_hit(stats: &CacheStats, blob: &[u8]) -> Vec<u8> {
+    match decode_blob(blob) {
+        Some((value, _)) => {
+            stats.hits.inc();
+            let mut w = Writer::with_capacity(value.len() + 24);
+            w.map(3)
+                .str("hit")
+                .bool(true)
+                .str("value")
+                .raw(value)
+                .str("stale")
+                .bool(true);
+            w.into_vec()
+        }
+        None => miss(),
+    }
+}
+
 fn stored(ok: bool) -> Vec<u8> {
     let mut w = Writer::with_capacity(10);
     w.map(1).str("stored").bool(ok);
@@ -720,9 +882,21 @@ impl Service for CacheService {
             self.channel.clone(),
             shutdown.child_token(),
         ));
+        if let Some(near) = &self.near {
+            tasks.spawn(
+                near.tracking
+                    .clone()
+                    .run(self.backend.clone(), shutdown.child_token()),
+            );
+        }
     }
 
     fn stats(&self) -> BoxFuture<'_, Vec<Sample>> {
-        futures::future::ready(self.stats.samples()).boxed()
+        let mut samples = self.stats.samples();
+        match &self.near {
+            Some(near) => samples.extend(near.cache.samples(near.tracking.connection().is_some())),
+            None => samples.extend(NearCache::disabled_samples()),
+        }
+        futures::future::ready(samples).boxed()
     }
 }

@@ -123,7 +123,8 @@ return seq
 "#;
 
 /// Deletes up to ARGV[2] keys of a tag set (values and leases).
-/// KEYS: tag set. ARGV: base, batch. Returns {values deleted, members popped}.
+/// KEYS: tag set. ARGV: base, batch. Returns {values deleted, members popped,
+/// [members]} (the members, so the near-cache can drop them before answering).
 const POP_TAGGED: &str = r#"
 local members = redis.call('SPOP', KEYS[1], ARGV[2])
 local n = 0
@@ -131,18 +132,22 @@ for _, m in ipairs(members) do
   n = n + redis.call('UNLINK', ARGV[1] .. 'v:' .. m)
   redis.call('UNLINK', ARGV[1] .. 'l:' .. m)
 end
-return {n, #members}
+return {n, #members, members}
 "#;
 
 /// One SCAN step of prefix invalidation: unlinks matching value and lease keys.
-/// ARGV: cursor, pattern, count, position of the v/l letter. Returns {cursor, values deleted}.
+/// ARGV: cursor, pattern, count, position of the v/l letter. Returns {cursor,
+/// values deleted, [value keys deleted]}.
 const SCAN_PREFIX: &str = r#"
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 local pos = tonumber(ARGV[4])
-local n = 0
+local n, gone = 0, {}
 for _, k in ipairs(r[2]) do
   local deleted = redis.call('UNLINK', k)
-  if string.sub(k, pos, pos) == 'v' then n = n + deleted end
+  if string.sub(k, pos, pos) == 'v' then
+    n = n + deleted
+    gone[#gone + 1] = k
+  end
 end
-return {r[1], n}
+return {r[1], n, gone}
 "#;

@@ -123,6 +123,15 @@ pub struct CacheConfig {
     pub max_keys_per_request: u64,
     /// Most tags (plus the prefix) one `cache.invalidate` may name.
     pub max_invalidations_per_request: u64,
+    /// Keep recently read values in the daemon's memory, coherent by Redis tracking.
+    pub near: bool,
+    /// Bytes the near-cache may hold (keys, values and per-entry overhead).
+    pub near_max_bytes: u64,
+    /// The longest a near entry is served as a hit, whatever its Redis TTL.
+    pub near_max_ttl_ms: u64,
+    /// The most a request's `max_stale_ms` may ask; also how long unverified near
+    /// entries are kept for it.
+    pub max_stale_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -136,6 +145,10 @@ impl Default for CacheConfig {
             isolate_by_uid: false,
             max_keys_per_request: 10_000,
             max_invalidations_per_request: 1000,
+            near: true,
+            near_max_bytes: 64 * 1024 * 1024,
+            near_max_ttl_ms: 60_000,
+            max_stale_ms: 300_000,
         }
     }
 }
@@ -407,6 +420,18 @@ impl Config {
             if !(1..=1_000_000).contains(&v) {
                 return Err(invalid(key, "must be between 1 and 1000000"));
             }
+        }
+        if c.near && c.near_max_bytes < 1024 * 1024 {
+            return Err(invalid("cache.near_max_bytes", "must be at least 1048576"));
+        }
+        if c.near_max_ttl_ms == 0 || c.near_max_ttl_ms > 86_400_000 {
+            return Err(invalid(
+                "cache.near_max_ttl_ms",
+                "must be between 1 and 86400000",
+            ));
+        }
+        if c.max_stale_ms > 86_400_000 {
+            return Err(invalid("cache.max_stale_ms", "must be at most 86400000"));
         }
         if c.default_ttl_ms == 0 {
             return Err(invalid("cache.default_ttl_ms", "must be at least 1"));

@@ -114,9 +114,10 @@ impl Server {
             };
         let connect = tokio::time::timeout(config.redis.connect_timeout(), backend.probe());
         let _ = connect.await;
+        let cache = CacheService::new(backend.clone(), &config.cache);
         let config = Arc::new(ArcSwap::from_pointee(config));
         let services: Vec<Arc<dyn Service>> = vec![
-            CacheService::new(backend.clone()),
+            cache,
             MailService::new(backend.clone(), config.clone()).map_err(ServerError::Service)?,
         ];
         let mut routes = HashMap::new();

@@ -1,0 +1,182 @@
+//! The tracking connection: Redis server-assisted client-side caching
+//! (`CLIENT TRACKING ON`, RESP3 pushes) for the near-cache.
+//!
+//! Cache value reads that may be kept in the daemon's memory go through this one
+//! connection, so Redis remembers exactly the keys this daemon may hold and tells it,
+//! on the same connection, when any writer changes one (another daemon, an app
+//! writing Redis directly, expiry, eviction, `FLUSHALL`).
+//!
+//! Why the race between a read in flight and an invalidation is closed: the redis
+//! crate hands each push to [`InvalidationSink`] synchronously, from the task that
+//! parses the connection's frames, in their order. A reply is delivered to its
+//! waiting task only after that, and the near-cache registers a "pending" mark for a
+//! key before it sends the read; an invalidation that finds the mark voids it, and
+//! the reply is then not stored (rueidis, node-redis 5 and Lettuce do the same).
+//!
+//! Tracking loss is a flush: when the connection drops, or the heartbeat (a PING
+//! every 250 ms) gets no answer within 750 ms, the sink is flushed (the near-cache's
+//! epoch moves on: reads begun before are not stored, entries read before are not
+//! served as hits), and nothing new is read through tracking until a new connection
+//! has it on again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendError};
+
+/// How often the heartbeat pings the tracking connection.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+/// A ping unanswered this long means tracking is lost (detected within 1 s).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(750);
+
+/// What the near-cache does with what Redis says.
+pub trait InvalidationSink: Send + Sync + 'static {
+    /// These keys may have changed: drop them, and void pending reads of them.
+    fn invalidate(&self, keys: &[&[u8]]);
+    /// Tracking was lost: nothing read so far is verified any more (entries may
+    /// still stand in, marked stale, while Redis is unavailable).
+    fn flush(&self);
+    /// Every key is gone (`FLUSHALL`, `FLUSHDB`): drop everything.
+    fn clear(&self);
+}
+
+/// One tracking connection and whether it is still usable: false from its
+/// disconnect push or a missed heartbeat on. Per connection, so the late disconnect
+/// of an old connection never marks its successor down.
+struct Live {
+    conn: MultiplexedConnection,
+    alive: Arc<AtomicBool>,
+}
+
+/// The tracking side of the backend. One per daemon, when the near-cache is on.
+pub struct Tracking {
+    live: ArcSwapOption<Live>,
+    sink: Arc<dyn InvalidationSink>,
+}
+
+impl Tracking {
+    pub fn new(sink: Arc<dyn InvalidationSink>) -> Arc<Tracking> {
+        Arc::new(Tracking {
+            live: ArcSwapOption::empty(),
+            sink,
+        })
+    }
+
+    /// The connection to read through; None while tracking is down.
+    pub fn connection(&self) -> Option<MultiplexedConnection> {
+        let live = self.live.load();
+        let live = live.as_deref()?;
+        live.alive
+            .load(Ordering::Acquire)
+            .then(|| live.conn.clone())
+    }
+
+    /// Ends the sink's current epoch: nothing read in it is stored or served as fresh.
+    /// (Its disconnect push may have done so already, the moment the socket closed.)
+    fn lose(&self, live: &Live, why: &str) {
+        self.live.store(None);
+        if live.alive.swap(false, Ordering::AcqRel) {
+            self.sink.flush();
+        }
+        tracing::warn!(
+            reason = why,
+            "near-cache tracking lost; no near hits until it is back"
+        );
+    }
+
+    /// Keeps a tracking connection up until shutdown: connects, turns tracking on,
+    /// pings it, and starts over (with a flush) whenever it fails.
+    pub async fn run(self: Arc<Self>, backend: Arc<Backend>, shutdown: CancellationToken) {
+        loop {
+            // On an error Redis is still down: nothing to flush, and the backend's
+            // probe logs the outage.
+            if let Ok(live) = self.connect(&backend).await {
+                let live = Arc::new(live);
+                self.live.store(Some(live.clone()));
+                tracing::info!("near-cache tracking is on");
+                let why = self.heartbeat(&live, &shutdown).await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                self.lose(&live, why);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(super::RETRY_AFTER) => {}
+            }
+        }
+    }
+
+    async fn connect(&self, backend: &Backend) -> Result<Live, BackendError> {
+        let sink = self.sink.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let up = alive.clone();
+        let on_push = move |push: PushInfo| -> Result<(), redis::aio::SendError> {
+            match push.kind {
+                PushKind::Invalidate => match push.data.first() {
+                    Some(Value::Array(keys)) => {
+                        let keys: Vec<&[u8]> = keys
+                            .iter()
+                            .filter_map(|k| match k {
+                                Value::BulkString(b) => Some(&b[..]),
+                                _ => None,
+                            })
+                            .collect();
+                        sink.invalidate(&keys);
+                    }
+                    // A nil key list: FLUSHALL / FLUSHDB.
+                    _ => sink.clear(),
+                },
+                // Synchronous with the connection's end: no reply read after this
+                // can be stored.
+                PushKind::Disconnection if up.swap(false, Ordering::AcqRel) => sink.flush(),
+                _ => {}
+            }
+            Ok(())
+        };
+        let conn_cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(backend.connect_timeout))
+            .set_response_timeout(Some(backend.response_timeout))
+            .set_push_sender(on_push);
+        let client = backend.resp3.clone();
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&conn_cfg)
+            .await
+            .map_err(|e| backend.classify(e))?;
+        let _: Value = redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| backend.classify(e))?;
+        Ok(Live { conn, alive })
+    }
+
+    /// Pings until a ping fails or times out; returns why.
+    async fn heartbeat(&self, live: &Live, shutdown: &CancellationToken) -> &'static str {
+        let mut conn = live.conn.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return "shutdown",
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+            if !live.alive.load(Ordering::Acquire) {
+                return "the connection closed";
+            }
+            let ping = redis::cmd("PING");
+            match tokio::time::timeout(HEARTBEAT_TIMEOUT, ping.query_async::<Value>(&mut conn))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return "the connection failed",
+                Err(_) => return "the heartbeat went unanswered",
+            }
+        }
+    }
+}
