@@ -9,6 +9,7 @@
 
 mod cache;
 mod fanout;
+mod invalidation;
 mod mail;
 mod soak;
 mod stats;
@@ -23,7 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen ping|cache|mail|fanout|soak [--secs N] [--runs N] [--rate OPS]");
+    eprintln!(
+        "usage: loadgen ping|cache|mail|fanout|invalidation|soak [--secs N] [--runs N] [--rate OPS]\n  (invalidation: --runs is the number of writes)"
+    );
     std::process::exit(2)
 }
 
@@ -55,6 +58,7 @@ fn main() {
         }
         Some("mail") => mail::mail(Duration::from_secs(secs), runs),
         Some("fanout") => fanout::run(Duration::from_secs(secs), runs),
+        Some("invalidation") => invalidation::run(runs),
         Some("--echo-server") => echo_server(Path::new(
             args.get(1).map(String::as_str).unwrap_or_else(|| usage()),
         )),

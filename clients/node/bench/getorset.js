@@ -1,7 +1,9 @@
-// getOrSet hits from Node.js: the satchel client (cache.fetch over the daemon's socket)
-// against node-redis 5 doing the same cache-aside straight to Redis (GET, JSON.parse; SET
-// on a miss). One process, one private redis-server shared by both sides, alternating
-// runs, medians reported.
+// getOrSet hits from Node.js: the satchel client (cache.fetch over the daemon's socket,
+// answered from the daemon's near-cache) against node-redis 5 doing the same cache-aside
+// straight to Redis (GET, JSON.parse; SET on a miss), without and with node-redis'
+// own client-side cache (RESP3 `clientSideCache`, hits from the Node process' memory).
+// One process, one private redis-server shared by all sides, alternating runs, medians
+// reported.
 //
 //   cargo build --release && (cd clients/node && npm ci) &&
 //   node clients/node/bench/getorset.js [--secs 2] [--runs 3] [--keys 10000] [--inflight 1,64]
@@ -77,6 +79,9 @@ async function main() {
   const direct = createClient({ url: redis.url });
   direct.on('error', () => {});
   await direct.connect();
+  const cached = createClient({ url: redis.url, RESP: 3, clientSideCache: { ttl: 0, maxEntries: 0 } });
+  cached.on('error', () => {});
+  await cached.connect();
 
   let loads = 0;
   const loader = async (k) => {
@@ -105,14 +110,30 @@ async function main() {
       await direct.set(key, JSON.stringify(v), { EX: 3600 });
       return v;
     },
+    // The same with node-redis' client-side cache (the JSON is still parsed per hit).
+    'node-redis csc': async (k) => {
+      const key = `direct:exam:${k}`;
+      const hit = await cached.get(key);
+      if (hit !== null) return JSON.parse(hit);
+      const v = await loader(k);
+      await cached.set(key, JSON.stringify(v), { EX: 3600 });
+      return v;
+    },
   };
 
-  // Warm up both (JIT, connections).
-  for (const op of Object.values(sides)) await measure(op, 16, 0.3);
+  // Warm up all (JIT, connections, and each side's cache: every key read twice).
+  for (const op of Object.values(sides)) {
+    for (let pass = 0; pass < 2; pass++) {
+      for (let k = 0; k < KEYS; k += 100) {
+        await Promise.all(Array.from({ length: Math.min(100, KEYS - k) }, (_, j) => op(k + j)));
+      }
+    }
+    await measure(op, 16, 0.3);
+  }
 
   const rows = [];
   for (const inflight of INFLIGHT) {
-    const runs = { satchel: [], 'node-redis': [] };
+    const runs = Object.fromEntries(Object.keys(sides).map((name) => [name, []]));
     for (let r = 0; r < RUNS; r++) {
       for (const [name, op] of Object.entries(sides)) runs[name].push(await measure(op, inflight, SECS));
     }
@@ -121,11 +142,12 @@ async function main() {
       p50: median(runs[name].map((x) => x.p50)),
       p99: median(runs[name].map((x) => x.p99)),
     });
-    rows.push({ inflight, satchel: med('satchel'), direct: med('node-redis') });
+    rows.push({ inflight, satchel: med('satchel'), direct: med('node-redis'), csc: med('node-redis csc') });
   }
 
   satchel.close();
   await direct.quit();
+  await cached.quit();
   await daemon.stop('SIGTERM');
   await redis.stop();
   fs.rmSync(dir, { recursive: true, force: true });
@@ -135,13 +157,15 @@ async function main() {
   const f0 = (x) => Math.round(x).toLocaleString('en-US');
   const f1 = (x) => x.toFixed(1);
   console.log(`getOrSet hits, ${KEYS} keys, ~200-byte values; medians of ${RUNS} runs of ${SECS} s each side`);
-  console.log('| in flight | node-redis ops/s | satchel ops/s | ratio | node-redis p50 / p99 µs | satchel p50 / p99 µs | p50 ratio |');
-  console.log('|---:|---:|---:|---:|---:|---:|---:|');
+  console.log(
+    '| in flight | node-redis ops/s | node-redis csc ops/s | satchel ops/s | satchel / node-redis | satchel / csc | p50 µs node-redis / csc / satchel | p99 µs node-redis / csc / satchel |',
+  );
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const r of rows) {
     console.log(
-      `| ${r.inflight} | ${f0(r.direct.ops)} | ${f0(r.satchel.ops)} | ${(r.satchel.ops / r.direct.ops).toFixed(2)}x | ` +
-        `${f1(r.direct.p50)} / ${f1(r.direct.p99)} | ${f1(r.satchel.p50)} / ${f1(r.satchel.p99)} | ` +
-        `${(r.satchel.p50 / r.direct.p50).toFixed(2)}x |`,
+      `| ${r.inflight} | ${f0(r.direct.ops)} | ${f0(r.csc.ops)} | ${f0(r.satchel.ops)} | ` +
+        `${(r.satchel.ops / r.direct.ops).toFixed(2)}x | ${(r.satchel.ops / r.csc.ops).toFixed(2)}x | ` +
+        `${f1(r.direct.p50)} / ${f1(r.csc.p50)} / ${f1(r.satchel.p50)} | ${f1(r.direct.p99)} / ${f1(r.csc.p99)} / ${f1(r.satchel.p99)} |`,
     );
   }
 }
