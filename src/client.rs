@@ -118,6 +118,9 @@ impl Client {
             while let Some(Ok(frame)) = reader.next().await {
                 let (id, outcome) = match decode_response(&frame) {
                     Ok(decoded) => decoded,
+                    // A push frame (`cache.track`, protocol.md): not an answer. This
+                    // client keeps no local cache yet, so it has nothing to drop.
+                    Err(_) if is_push(&frame) => continue,
                     Err(e) => {
                         // Which caller it was for cannot be known, so nobody can be
                         // answered reliably any more: fail them all and close.
@@ -240,6 +243,13 @@ pub fn get<'a>(map: &'a Value, key: &str) -> Option<&'a Value> {
         .iter()
         .find(|(k, _)| k.as_str() == Some(key))
         .map(|(_, v)| v)
+}
+
+/// Whether a frame is a push frame (`{push: …}`, no `id`), not an answer.
+pub fn is_push(frame: &[u8]) -> bool {
+    rmpv::decode::read_value(&mut &frame[..])
+        .ok()
+        .is_some_and(|v| get(&v, "push").is_some() && get(&v, "id").is_none())
 }
 
 /// Decodes a response frame into its id and its outcome.

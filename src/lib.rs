@@ -10,6 +10,8 @@
 //! - [`protocol`]: bytes on the wire (length-prefixed MessagePack frames, request and
 //!   response envelopes, stable error codes). protocol.md is its contract.
 //! - [`service`]: the one trait the server knows services by.
+//! - [`push`]: frames the daemon sends a connection unasked (`cache.track`), ordered
+//!   with its answers.
 //! - [`cache`]: the cache-aside service (`cache.*` ops): values, leases, invalidation.
 //! - [`mail`]: the durable mail queue (`mail.*` ops): group-committed enqueue, a Redis
 //!   Streams consumer group, retries, dead letters, SMTP through a nodelay pool.
@@ -44,6 +46,7 @@ pub mod host;
 pub mod mail;
 pub mod peer;
 pub mod protocol;
+pub mod push;
 pub mod server;
 pub mod service;
 pub mod stats;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::peer::Peer;
 use crate::protocol::{OpError, Request};
+use crate::push::Session;
 use crate::stats::Sample;
 
 /// The encoded `result` of an op, or its error.
@@ -27,6 +28,8 @@ pub type OpResult = Result<Vec<u8>, OpError>;
 pub struct RequestCtx<'a> {
     pub peer: &'a Peer,
     pub config: &'a Config,
+    /// The connection the request came on (for pushes back to it).
+    pub session: &'a Session,
 }
 
 pub trait Service: Send + Sync + 'static {
@@ -42,6 +45,9 @@ pub trait Service: Send + Sync + 'static {
 
     /// This service's section of `stats` (dotted names under its own prefix).
     fn stats(&self) -> BoxFuture<'_, Vec<Sample>>;
+
+    /// The connection `session` closed: forget what the service kept for it.
+    fn disconnected(&self, _session: u64) {}
 
     /// A few words for the `systemctl status` line (no Redis round trip).
     fn status_line(&self) -> Option<String> {

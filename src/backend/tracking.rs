@@ -44,6 +44,8 @@ pub trait InvalidationSink: Send + Sync + 'static {
     fn flush(&self);
     /// Every key is gone (`FLUSHALL`, `FLUSHDB`): drop everything.
     fn clear(&self);
+    /// A new tracking connection is live (after the first, this follows a loss).
+    fn tracking_on(&self) {}
 }
 
 /// One tracking connection and whether it is still usable: false from its
@@ -99,6 +101,7 @@ impl Tracking {
             if let Ok(live) = self.connect(&backend).await {
                 let live = Arc::new(live);
                 self.live.store(Some(live.clone()));
+                self.sink.tracking_on();
                 tracing::info!("near-cache tracking is on");
                 let why = self.heartbeat(&live, &shutdown).await;
                 if shutdown.is_cancelled() {

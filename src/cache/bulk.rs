@@ -53,6 +53,7 @@ impl CacheService {
         &self,
         cfg: &CacheConfig,
         ks: &KeySpace,
+        sid: u64,
         keys: &[&str],
         max_response: u64,
         allow: Option<Duration>,
@@ -70,6 +71,8 @@ impl CacheService {
             })
             .collect();
         let vkeys: Vec<String> = distinct.iter().map(|k| ks.value(k)).collect();
+        self.tracked
+            .reading(sid, vkeys.iter().map(String::as_str), cfg.track_max_keys);
         let mut blobs: Vec<Option<Blob>> = vkeys
             .iter()
             .map(|vk| self.near_hit(vk).map(Blob::Near))

@@ -13,6 +13,7 @@ mod keys;
 mod leases;
 pub mod near;
 mod scripts;
+pub mod tracked;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
@@ -24,7 +25,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::tracking::Tracking;
+use crate::backend::tracking::{InvalidationSink, Tracking};
 use crate::backend::{Backend, BackendError};
 use crate::config::CacheConfig;
 pub use crate::config::{MAX_LEASE_MS, MAX_WAIT_MS};
@@ -37,6 +38,7 @@ use keys::{KeySpace, decode_blob, encode_blob};
 use leases::{Handoff, Watch, Watches};
 use near::{Lookup, NearCache};
 use scripts::Scripts;
+use tracked::Tracked;
 
 /// Most tags one entry may carry.
 pub const MAX_TAGS: usize = 64;
@@ -55,6 +57,8 @@ pub const OPS: &[&str] = &[
     "cache.fetch",
     "cache.fill",
     "cache.invalidate",
+    "cache.track",
+    "cache.untrack",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +170,41 @@ pub struct CacheService {
     runtime: OnceLock<Runtime>,
     /// The near-cache and its tracking connection (None with `cache.near = false`).
     near: Option<Near>,
+    /// Which keys each `cache.track` connection read.
+    tracked: Arc<Tracked>,
+}
+
+/// Where Redis' invalidations go: the near-cache, and the tracking connections.
+struct Sink {
+    near: Arc<NearCache>,
+    tracked: Arc<Tracked>,
+}
+
+impl InvalidationSink for Sink {
+    fn invalidate(&self, keys: &[&[u8]]) {
+        self.near.invalidate(keys);
+        for key in keys {
+            if let Ok(k) = std::str::from_utf8(key) {
+                self.tracked.changed(k);
+            }
+        }
+    }
+
+    fn flush(&self) {
+        self.near.flush();
+        self.tracked.flush_all();
+    }
+
+    fn clear(&self) {
+        self.near.clear();
+        self.tracked.flush_all();
+    }
+
+    /// Values read while tracking was down were read without Redis tracking them:
+    /// tracking connections drop them now.
+    fn tracking_on(&self) {
+        self.tracked.flush_all();
+    }
 }
 
 /// The near-cache and the Redis tracking that keeps it coherent.
@@ -190,15 +229,21 @@ enum Fetched {
 impl CacheService {
     pub fn new(backend: Arc<Backend>, cfg: &CacheConfig) -> Arc<CacheService> {
         let prefix = backend.prefix().to_owned();
+        let tracked = Arc::new(Tracked::default());
         let near = cfg.near.then(|| {
             let cache = NearCache::new(cfg);
+            let sink = Sink {
+                near: cache.clone(),
+                tracked: tracked.clone(),
+            };
             Near {
-                tracking: Tracking::new(cache.clone()),
+                tracking: Tracking::new(Arc::new(sink)),
                 cache,
             }
         });
         Arc::new(CacheService {
             near,
+            tracked,
             backend,
             scripts: Scripts::default(),
             watches: Arc::new(Watches::default()),
@@ -214,19 +259,25 @@ impl CacheService {
     async fn run_op(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let cfg = &ctx.config.cache;
         let ks = self.keyspace(cfg, ctx.peer)?;
+        let sid = ctx.session.id;
         let result = match req.op() {
-            "cache.get" => self.get(cfg, &ks, req).await,
+            "cache.get" => self.get(cfg, &ks, sid, req).await,
             "cache.mget" => {
                 let max_response = ctx.config.server.max_response_bytes;
-                Box::pin(self.mget(cfg, max_response, &ks, req)).await
+                Box::pin(self.mget(cfg, max_response, &ks, sid, req)).await
             }
             "cache.set" => self.set(cfg, &ks, req).await,
             "cache.del" => Box::pin(self.del(cfg, &ks, req)).await,
             // Boxed: their futures are large and would make every request's future
             // (moved into the connection's FuturesUnordered) as large.
-            "cache.fetch" => Box::pin(self.fetch(cfg, &ks, req)).await,
+            "cache.fetch" => Box::pin(self.fetch(cfg, &ks, sid, req)).await,
             "cache.fill" => Box::pin(self.fill(cfg, &ks, req)).await,
             "cache.invalidate" => Box::pin(self.invalidate(cfg, &ks, req)).await,
+            "cache.track" => self.track(&ks, ctx.session),
+            "cache.untrack" => {
+                self.tracked.untrack(sid);
+                Ok(tracking_answer(false))
+            }
             other => Err(
                 OpError::new(ErrorCode::UnknownOp, format!("unknown op `{other}`"))
                     .with_field("op")
@@ -245,10 +296,26 @@ impl CacheService {
         }
     }
 
-    async fn get(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+    /// `cache.track`: this connection hears of changes to what it reads. Needs the
+    /// near-cache's Redis tracking: without it the daemon would not learn of other
+    /// writers' changes.
+    fn track(&self, ks: &KeySpace, session: &crate::push::Session) -> CacheResult {
+        if self.near.is_none() {
+            return Err(invalid(
+                "op",
+                "cache.track needs cache.near = true: the daemon learns of other writers' changes through the near-cache's Redis tracking",
+            ));
+        }
+        self.tracked.track(session, ks.value("").len());
+        Ok(tracking_answer(true))
+    }
+
+    async fn get(&self, cfg: &CacheConfig, ks: &KeySpace, sid: u64, req: &Request) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
         let allow = stale_allowance(cfg, req)?;
         let vkey = ks.value(key);
+        self.tracked
+            .reading(sid, [vkey.as_str()], cfg.track_max_keys);
         if let Some(entry) = self.near_hit(&vkey) {
             return Ok(get_answer(&self.stats, Some(&entry.blob), false));
         }
@@ -337,6 +404,7 @@ impl CacheService {
         if let Some(near) = &self.near {
             near.cache.forget(vkey);
         }
+        self.tracked.changed(vkey);
     }
 
     async fn mget(
@@ -344,11 +412,13 @@ impl CacheService {
         cfg: &CacheConfig,
         max_response: u64,
         ks: &KeySpace,
+        sid: u64,
         req: &Request,
     ) -> CacheResult {
         let keys = checked_keys(cfg, req)?;
         let allow = stale_allowance(cfg, req)?;
-        self.read_many(cfg, ks, &keys, max_response, allow).await
+        self.read_many(cfg, ks, sid, &keys, max_response, allow)
+            .await
     }
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -400,7 +470,13 @@ impl CacheService {
         Ok(w.into_vec())
     }
 
-    async fn fetch(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
+    async fn fetch(
+        &self,
+        cfg: &CacheConfig,
+        ks: &KeySpace,
+        sid: u64,
+        req: &Request,
+    ) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
         let lease_ms = match req.opt_positive("lease_ms")? {
             Some(ms) if ms > MAX_LEASE_MS => {
@@ -424,6 +500,8 @@ impl CacheService {
         };
         let allow = stale_allowance(cfg, req)?;
         let vkey = ks.value(key);
+        self.tracked
+            .reading(sid, [vkey.as_str()], cfg.track_max_keys);
         if let Some(entry) = self.near_hit(&vkey) {
             return Ok(self.hit_or_miss(&entry.blob));
         }
@@ -838,6 +916,12 @@ fn stale_hit(stats: &CacheStats, blob: &[u8]) -> Vec<u8> {
     }
 }
 
+fn tracking_answer(on: bool) -> Vec<u8> {
+    let mut w = Writer::with_capacity(12);
+    w.map(1).str("tracking").bool(on);
+    w.into_vec()
+}
+
 fn stored(ok: bool) -> Vec<u8> {
     let mut w = Writer::with_capacity(10);
     w.map(1).str("stored").bool(ok);
@@ -891,8 +975,26 @@ impl Service for CacheService {
         }
     }
 
+    fn disconnected(&self, session: u64) {
+        self.tracked.untrack(session);
+    }
+
     fn stats(&self) -> BoxFuture<'_, Vec<Sample>> {
         let mut samples = self.stats.samples();
+        samples.extend([
+            Sample::gauge(
+                "cache.tracking.connections",
+                self.tracked.connections() as u64,
+            ),
+            Sample::counter(
+                "cache.tracking.invalidations_pushed",
+                self.tracked.invalidations_pushed.get(),
+            ),
+            Sample::counter(
+                "cache.tracking.flushes_pushed",
+                self.tracked.flushes_pushed.get(),
+            ),
+        ]);
         match &self.near {
             Some(near) => samples.extend(near.cache.samples(near.tracking.connection().is_some())),
             None => samples.extend(NearCache::disabled_samples()),

@@ -132,6 +132,8 @@ pub struct CacheConfig {
     /// The most a request's `max_stale_ms` may ask; also how long unverified near
     /// entries are kept for it.
     pub max_stale_ms: u64,
+    /// Keys one `cache.track` connection may have read before it gets a flush.
+    pub track_max_keys: u64,
 }
 
 impl Default for CacheConfig {
@@ -149,6 +151,7 @@ impl Default for CacheConfig {
             near_max_bytes: 64 * 1024 * 1024,
             near_max_ttl_ms: 60_000,
             max_stale_ms: 300_000,
+            track_max_keys: 100_000,
         }
     }
 }
@@ -428,6 +431,12 @@ impl Config {
             return Err(invalid(
                 "cache.near_max_ttl_ms",
                 "must be between 1 and 86400000",
+            ));
+        }
+        if c.track_max_keys == 0 || c.track_max_keys > 10_000_000 {
+            return Err(invalid(
+                "cache.track_max_keys",
+                "must be between 1 and 10000000",
             ));
         }
         if c.max_stale_ms > 86_400_000 {

@@ -32,6 +32,7 @@ use super::Shared;
 use super::dispatch;
 use crate::peer::Peer;
 use crate::protocol::{ErrorCode, FrameCodec, FrameError, OpError, Request, Response};
+use crate::push::{self, Push, PushReceiver, Session};
 
 /// A connection task yields to the runtime after reading this many requests in a row.
 /// Without it, a pipelined burst is parsed and started in full before any other task
@@ -92,6 +93,24 @@ impl Output {
             self.tail.extend_from_slice(&result);
         }
         self.pending += 4 + len;
+    }
+
+    /// Queued push frames (`first`, then whatever else is queued), each ahead of
+    /// every answer added after it. Cheap when nothing is queued.
+    fn push_frames(&mut self, first: Option<Push>, rx: &mut PushReceiver) {
+        let mut queued: Vec<Push> = first.into_iter().collect();
+        while let Ok(p) = rx.try_recv() {
+            queued.push(p);
+        }
+        if queued.is_empty() {
+            return;
+        }
+        for body in push::encode(&queued) {
+            self.tail.reserve(4 + body.len());
+            self.tail.put_u32(body.len() as u32);
+            self.tail.extend_from_slice(&body);
+            self.pending += 4 + body.len();
+        }
     }
 
     fn pending(&self) -> bool {
@@ -157,15 +176,53 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let (max_frame, max_inflight, max_inflight_bytes, max_output) = {
+    let limits = {
         let cfg = shared.config.load();
-        (
-            cfg.server.max_frame_bytes as usize,
-            cfg.server.max_inflight_per_conn as usize,
-            cfg.server.max_inflight_bytes_per_conn as usize,
-            cfg.server.max_output_bytes_per_conn as usize,
-        )
+        Limits {
+            max_frame: cfg.server.max_frame_bytes as usize,
+            max_inflight: cfg.server.max_inflight_per_conn as usize,
+            max_inflight_bytes: cfg.server.max_inflight_bytes_per_conn as usize,
+            max_output: cfg.server.max_output_bytes_per_conn as usize,
+        }
     };
+    let (session, mut pushes) = Session::new();
+    serve_session(
+        stream,
+        peer,
+        &shared,
+        shutdown,
+        &session,
+        &mut pushes,
+        limits,
+    )
+    .await;
+    shared.disconnected(session.id);
+}
+
+/// The per-connection bounds, read once when it opens.
+#[derive(Clone, Copy)]
+struct Limits {
+    max_frame: usize,
+    max_inflight: usize,
+    max_inflight_bytes: usize,
+    max_output: usize,
+}
+
+async fn serve_session(
+    stream: UnixStream,
+    peer: Peer,
+    shared: &Arc<Shared>,
+    shutdown: CancellationToken,
+    session: &Session,
+    pushes: &mut PushReceiver,
+    limits: Limits,
+) {
+    let Limits {
+        max_frame,
+        max_inflight,
+        max_inflight_bytes,
+        max_output,
+    } = limits;
     let (rd, wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
     let mut out = Output::new(wr, max_output);
@@ -180,7 +237,7 @@ pub(crate) async fn serve(
     loop {
         if draining && inflight.is_empty() {
             // Frames that already arrived whole are "read": they get an answer.
-            answer_buffered(&mut reader, &mut out, &shared);
+            answer_buffered(&mut reader, &mut out, shared);
             break;
         }
         if !reading && inflight.is_empty() {
@@ -194,10 +251,16 @@ pub(crate) async fn serve(
         // writing last, so everything this wake-up produced goes out in one write.
         tokio::select! {
             biased;
+            // Pushes first: each must precede every answer finished after it.
+            Some(p) = pushes.recv() => {
+                out.push_frames(Some(p), pushes);
+            }
             Some((response, len)) = inflight.next(), if !inflight.is_empty() => {
+                out.push_frames(None, pushes);
                 inflight_bytes -= len;
                 out.push(response);
                 while let Some(Some((response, len))) = inflight.next().now_or_never() {
+                    out.push_frames(None, pushes);
                     inflight_bytes -= len;
                     out.push(response);
                 }
@@ -225,14 +288,15 @@ pub(crate) async fn serve(
                             tokio::task::yield_now().await;
                         }
                         if draining {
-                            Some(shutting_down(&shared, &frame))
+                            Some(shutting_down(shared, &frame))
                         } else {
                             match Request::parse(frame) {
                                 Ok(req) => {
                                     let len = req.frame_len();
                                     inflight_bytes += len;
                                     inflight.push(
-                                        dispatch::handle(&shared, &peer, req).map(move |r| (r, len)),
+                                        dispatch::handle(shared, &peer, session, req)
+                                            .map(move |r| (r, len)),
                                     );
                                     None
                                 }
@@ -260,6 +324,7 @@ pub(crate) async fn serve(
                     }
                 };
                 if let Some(response) = response {
+                    out.push_frames(None, pushes);
                     out.push(response);
                 }
             }

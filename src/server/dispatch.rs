@@ -9,6 +9,7 @@ use super::Shared;
 use crate::peer::Peer;
 use crate::protocol::msgpack::Writer;
 use crate::protocol::{ErrorCode, OpError, PROTOCOL_VERSION, Request, Response, encode_result};
+use crate::push::Session;
 use crate::service::{OpResult, RequestCtx};
 use crate::stats::{Sample, encode_map, prometheus_text};
 
@@ -19,7 +20,12 @@ pub const CORE_OPS: &[&str] = &["hello", "ping", "stats", "health"];
 const MAX_PING_DELAY_MS: u64 = 60_000;
 
 /// Handles one request and turns the outcome into a response, counting it.
-pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Response {
+pub(crate) async fn handle(
+    shared: &Shared,
+    peer: &Peer,
+    session: &Session,
+    req: Request,
+) -> Response {
     // A guard, not a pair of calls: a client that hangs up drops this future
     // half-way, and the gauge must still come down.
     let _inflight = shared.stats.inflight.enter();
@@ -27,6 +33,7 @@ pub(crate) async fn handle(shared: &Shared, peer: &Peer, req: Request) -> Respon
     let ctx = RequestCtx {
         peer,
         config: &config,
+        session,
     };
     let result = match req.op() {
         "hello" => hello(shared, &req),

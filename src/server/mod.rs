@@ -50,6 +50,13 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Tells every service that a connection closed.
+    pub(crate) fn disconnected(&self, session: u64) {
+        for service in &self.services {
+            service.disconnected(session);
+        }
+    }
+
     /// The service that answers `op`, if any.
     pub fn service_for(&self, op: &str) -> Option<&Arc<dyn Service>> {
         self.routes.get(op).map(|&i| &self.services[i])
