@@ -217,15 +217,7 @@ fn losing_redis_tracking_flushes_every_tracking_connection() {
     let mut t = Raw::open(&d);
     t.track();
     t.get("k");
-    let _: Value = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query(&mut redis.conn())
-        .map(|_: redis::Value| Value::Nil)
-        .unwrap();
+    redis.kill_clients();
     // One flush when tracking is lost, one more when it is back (reads in between
     // were not tracked by Redis).
     let mut n = 0;

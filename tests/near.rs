@@ -260,14 +260,7 @@ async fn killed_tracking_connections_flush_the_near_cache() {
     read_into_near(&ca, "k", &old).await;
     let flushes = near_counter(&ca, "flushes").await;
     // Every daemon connection goes; Redis forgets what it tracked for A.
-    let _: redis::Value = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.kill_clients();
     let new = Value::from("new");
     let written = eventually(Duration::from_secs(5), || {
         let (cb, new) = (cb.clone(), new.clone());

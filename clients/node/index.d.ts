@@ -71,6 +71,24 @@ export interface ClientOptions {
    * with CLIENT_OVERLOADED. Default Infinity.
    */
   maxQueued?: number;
+  /**
+   * An in-process cache in front of the daemon (off by default). Hits cost no I/O;
+   * it stays coherent through the daemon's push frames (`cache.track`): another
+   * writer's change is dropped here within the invalidation latency. The trade-off:
+   * up to `maxBytes` of this process' memory, and a decode per hit (values are kept
+   * encoded so callers never share a mutable object). Needs the daemon's near-cache
+   * (`cache.near`, on by default); without it the local cache stays off.
+   */
+  localCache?: { maxBytes: number };
+}
+
+export interface LocalStats {
+  hits: number;
+  misses: number;
+  entries: number;
+  bytes: number;
+  invalidations: number;
+  flushes: number;
 }
 
 export interface RequestCounts {
@@ -89,7 +107,9 @@ export interface ServerInfo {
 }
 
 export type GetResult<T = Value> = { hit: true; value: T; ttlMs: number } | { hit: false };
-export type FetchResult<T = Value> = { hit: true; value: T } | { hit: false; lease?: string };
+export type FetchResult<T = Value> =
+  | { hit: true; value: T; ttlMs?: number; stale?: true }
+  | { hit: false; lease?: string };
 
 export interface SetOptions {
   ttlMs?: number;
@@ -112,6 +132,8 @@ export interface CacheApi {
   fetch<T = Value>(key: string, opts?: { leaseMs?: number; waitMs?: number }): Promise<FetchResult<T>>;
   fill(key: string, lease: string, value: Value, opts?: SetOptions): Promise<boolean>;
   getOrSet<T extends Value>(key: string, loader: () => T | Promise<T>, opts?: GetOrSetOptions): Promise<T>;
+  /** The local cache's counters (all zero without `localCache`). */
+  localStats(): LocalStats;
 }
 
 export interface Attachment {

@@ -141,6 +141,118 @@ export function mailToWire(mail) {
   return out;
 }
 
+// What an entry costs besides its encoded value and key (the Map slot, the object).
+const LOCAL_ENTRY_OVERHEAD = 96;
+
+/**
+ * The in-process cache (`localCache: {maxBytes}`): values this process read, kept
+ * encoded (so callers never share a mutable object), bounded by bytes (least recently
+ * used go first), coherent through the daemon's push frames (`cache.track`,
+ * protocol.md "Push frames"). A read marks its keys pending; an invalidation or flush
+ * that arrives before the answer voids them, and a voided answer is used but not kept.
+ */
+export class LocalCache {
+  constructor(maxBytes, codec) {
+    this.maxBytes = maxBytes;
+    this.codec = codec;
+    this.entries = new Map(); // key -> {bytes: Buffer, expiresAt: ms, size}
+    this.bytes = 0;
+    this.pending = new Map(); // key -> {reads, voided}
+    this.epoch = 0; // moved on by every flush
+    this.live = false; // the connection tracks (cache.track answered true)
+    this.stats = { hits: 0, misses: 0, invalidations: 0, flushes: 0 };
+  }
+
+  /** The decoded value of a live entry, or undefined. */
+  get(key) {
+    const e = this.entries.get(key);
+    if (e === undefined) {
+      this.stats.misses += 1;
+      return undefined;
+    }
+    const now = Date.now();
+    if (now >= e.expiresAt) {
+      this.drop(key);
+      this.stats.misses += 1;
+      return undefined;
+    }
+    // Most recently used last.
+    this.entries.delete(key);
+    this.entries.set(key, e);
+    this.stats.hits += 1;
+    return { value: this.codec.unpack(e.bytes), ttlMs: e.expiresAt - now };
+  }
+
+  /** A read of `key` is about to be sent; returns its ticket for `finish`. */
+  begin(key) {
+    let p = this.pending.get(key);
+    if (p === undefined) {
+      p = { reads: 0, voided: false };
+      this.pending.set(key, p);
+    }
+    p.reads += 1;
+    return this.epoch;
+  }
+
+  /** The read of `key` begun in `epoch` was answered: keep the value unless voided. */
+  finish(key, epoch, hit, value, ttlMs) {
+    const p = this.pending.get(key);
+    let voided = true;
+    if (p !== undefined) {
+      voided = p.voided;
+      p.reads -= 1;
+      if (p.reads === 0) this.pending.delete(key);
+    }
+    if (voided || epoch !== this.epoch || !this.live || !hit || !(ttlMs > 0)) return;
+    const bytes = Buffer.from(this.codec.pack(value));
+    const size = bytes.length + key.length * 2 + LOCAL_ENTRY_OVERHEAD;
+    if (size > this.maxBytes / 4) return;
+    this.drop(key);
+    this.entries.set(key, { bytes, expiresAt: Date.now() + ttlMs, size });
+    this.bytes += size;
+    while (this.bytes > this.maxBytes) {
+      const oldest = this.entries.keys().next().value;
+      this.drop(oldest);
+    }
+  }
+
+  drop(key) {
+    const e = this.entries.get(key);
+    if (e !== undefined) {
+      this.entries.delete(key);
+      this.bytes -= e.size;
+    }
+  }
+
+  /** This key may have changed (a push, or a write through this client). */
+  invalidate(key) {
+    const p = this.pending.get(key);
+    if (p !== undefined) p.voided = true;
+    this.drop(key);
+  }
+
+  /** Drop everything; reads in flight are not kept. */
+  flush() {
+    this.epoch += 1;
+    this.entries.clear();
+    this.bytes = 0;
+    this.stats.flushes += 1;
+  }
+
+  onPush(msg) {
+    if (msg.push === 'invalidate' && Array.isArray(msg.keys)) {
+      for (const k of msg.keys) this.invalidate(k);
+      this.stats.invalidations += msg.keys.length;
+    } else if (msg.push === 'flush') {
+      this.flush();
+    }
+  }
+
+  snapshot() {
+    return { ...this.stats, entries: this.entries.size, bytes: this.bytes };
+  }
+}
+
 class Connection {
   constructor(client, socket) {
     this.client = client;
@@ -214,6 +326,10 @@ class Connection {
     }
     if (!msg || typeof msg !== 'object') return;
     const id = msg.id;
+    if (msg.push !== undefined && (id === null || id === undefined)) {
+      this.client.local?.onPush(msg);
+      return;
+    }
     if (id === null || id === undefined) {
       // FORBIDDEN, connection-limit UNAVAILABLE or TOO_LARGE: the daemon closes next.
       if (msg.ok === false) this.fatal = errorFromWire(msg.error, undefined);
@@ -315,11 +431,14 @@ export class SatchelClient {
     const codec = { useRecords: false, moreTypes: false, mapsAsObjects: true, int64AsType: big ? 'bigint' : 'number', skipValues: [undefined], encodeUndefinedAsNil: true };
     this.encoder = new Packr(codec);
     this.decoder = new Unpackr(codec);
+    this.localCodec = new Packr(codec);
     this.nextId = 1;
     this.conn = null;
     this.connecting = null;
     this.closedByUser = false;
     this.maxFrame = 8 * 1024 * 1024;
+    const localBytes = opts.localCache?.maxBytes ?? 0;
+    this.local = localBytes > 0 ? new LocalCache(localBytes, this.localCodec) : null;
     this.cache = new CacheApi(this);
     this.mail = new MailApi(this);
   }
@@ -408,6 +527,11 @@ export class SatchelClient {
         }
         conn.failAll(err);
         if (this.conn === conn) this.conn = null;
+        // Pushes are per connection: what was kept can no longer be trusted.
+        if (this.local) {
+          this.local.live = false;
+          this.local.flush();
+        }
         if (!settled) {
           settled = true;
           reject(err);
@@ -439,9 +563,24 @@ export class SatchelClient {
             conn.hello = hello;
             if (hello.max_frame) this.maxFrame = Number(hello.max_frame);
             if (hello.max_inflight) conn.maxOnWire = Number(hello.max_inflight);
-            settled = true;
-            this.conn = conn;
-            resolve(conn);
+            const ready = () => {
+              settled = true;
+              this.conn = conn;
+              resolve(conn);
+            };
+            if (!this.local) return ready();
+            // Track before any read goes out on this connection; a daemon that cannot
+            // (cache.near off) leaves the local cache off for this connection.
+            this.sendOn(conn, 'cache.track', {}).then(
+              (r) => {
+                this.local.live = r && r.tracking === true;
+                ready();
+              },
+              () => {
+                this.local.live = false;
+                ready();
+              },
+            );
           },
           (err) => {
             if (settled) return;
@@ -547,25 +686,82 @@ class CacheApi {
     this.client = client;
   }
 
-  /** `{hit: true, value, ttlMs}` or `{hit: false}`. */
+  /** The local cache when it is usable right now without waiting, else undefined. */
+  liveLocal() {
+    const { local, conn } = this.client;
+    return local !== null && local.live && conn && !conn.closed ? local : undefined;
+  }
+
+  /** The local cache when it can be used for a read (connecting first if need be). */
+  async usableLocal() {
+    const { local, conn } = this.client;
+    if (local === null) return null;
+    if (!conn || conn.closed) await this.client.ensureConnected();
+    return local.live ? local : null;
+  }
+
+  /** `{hit: true, value, ttlMs}` or `{hit: false}`; a local hit makes no request. */
   async get(key) {
+    const local = this.liveLocal() ?? (this.client.local !== null ? await this.usableLocal() : null);
+    if (local !== null) {
+      const got = local.get(key);
+      if (got !== undefined) return { hit: true, value: got.value, ttlMs: got.ttlMs };
+      const epoch = local.begin(key);
+      let r;
+      try {
+        r = await this.client.send('cache.get', { key });
+      } catch (err) {
+        local.finish(key, epoch, false);
+        throw err;
+      }
+      local.finish(key, epoch, r.hit && !r.stale, r.value, Number(r.ttl_ms));
+      return r.hit ? { hit: true, value: r.value, ttlMs: Number(r.ttl_ms) } : { hit: false };
+    }
     const r = await this.client.request('cache.get', { key });
     return r.hit ? { hit: true, value: r.value, ttlMs: Number(r.ttl_ms) } : { hit: false };
   }
 
-  /** One `{hit, value?}` per key, in order. */
-  mget(keys) {
-    return this.client.request('cache.mget', { keys });
+  /** One `{hit, value?}` per key, in order; local hits are not asked for. */
+  async mget(keys) {
+    const local = this.liveLocal() ?? (this.client.local !== null ? await this.usableLocal() : null);
+    if (local === null) return this.client.request('cache.mget', { keys });
+    const out = new Array(keys.length);
+    const ask = [];
+    for (let i = 0; i < keys.length; i++) {
+      const got = local.get(keys[i]);
+      if (got !== undefined) out[i] = { hit: true, value: got.value, ttl_ms: got.ttlMs };
+      else ask.push(i);
+    }
+    if (ask.length === 0) return out;
+    const askKeys = ask.map((i) => keys[i]);
+    const epochs = askKeys.map((k) => local.begin(k));
+    let r;
+    try {
+      r = await this.client.send('cache.mget', { keys: askKeys });
+    } catch (err) {
+      askKeys.forEach((k, j) => local.finish(k, epochs[j], false));
+      throw err;
+    }
+    ask.forEach((i, j) => {
+      const e = r[j];
+      local.finish(keys[i], epochs[j], e.hit && !e.stale, e.value, Number(e.ttl_ms));
+      out[i] = e;
+    });
+    return out;
   }
 
   async set(key, value, { ttlMs, tags } = {}) {
+    this.client.local?.invalidate(key);
     const r = await this.client.request('cache.set', { key, value: value ?? null, ttl_ms: ttlMs, tags });
+    this.client.local?.invalidate(key);
     return r.stored;
   }
 
   /** Deletes one key or a list; resolves to how many existed. */
   async del(keys) {
-    const r = await this.client.request('cache.del', { keys: Array.isArray(keys) ? keys : [keys] });
+    const list = Array.isArray(keys) ? keys : [keys];
+    const r = await this.client.request('cache.del', { keys: list });
+    if (this.client.local) for (const k of list) this.client.local.invalidate(k);
     return Number(r.deleted);
   }
 
@@ -575,16 +771,43 @@ class CacheApi {
     return Number(r.deleted);
   }
 
-  /** `{hit: true, value}`, `{hit: false, lease}` (you load and fill) or `{hit: false}` (load, don't fill). */
-  fetch(key, opts) {
-    if (opts === undefined) return this.client.send('cache.fetch', { key });
-    const { leaseMs, waitMs } = opts;
-    return this.client.request('cache.fetch', { key, lease_ms: leaseMs, wait_ms: waitMs });
+  /** `{hit: true, value, ttlMs}`, `{hit: false, lease}` (you load and fill) or `{hit: false}` (load, don't fill). */
+  async fetch(key, opts) {
+    const local = this.liveLocal() ?? (this.client.local !== null ? await this.usableLocal() : null);
+    let epoch;
+    if (local !== null) {
+      const got = local.get(key);
+      if (got !== undefined) return { hit: true, value: got.value, ttlMs: got.ttlMs };
+      epoch = local.begin(key);
+    }
+    let r;
+    try {
+      if (opts === undefined) r = await this.client.send('cache.fetch', { key });
+      else r = await this.client.request('cache.fetch', { key, lease_ms: opts.leaseMs, wait_ms: opts.waitMs });
+    } catch (err) {
+      if (epoch !== undefined) local.finish(key, epoch, false);
+      throw err;
+    }
+    if (!r.hit) {
+      if (epoch !== undefined) local.finish(key, epoch, false);
+      return r;
+    }
+    const ttlMs = r.ttl_ms === undefined ? undefined : Number(r.ttl_ms);
+    if (epoch !== undefined) local.finish(key, epoch, !r.stale, r.value, ttlMs);
+    if (r.stale) return { hit: true, value: r.value, stale: true };
+    return { hit: true, value: r.value, ttlMs };
   }
 
   async fill(key, lease, value, { ttlMs, tags } = {}) {
     const r = await this.client.request('cache.fill', { key, lease, value: value ?? null, ttl_ms: ttlMs, tags });
+    this.client.local?.invalidate(key);
     return r.stored;
+  }
+
+  /** The local cache's counters: `{hits, misses, entries, bytes, invalidations, flushes}`. */
+  localStats() {
+    const l = this.client.local;
+    return l ? l.snapshot() : { hits: 0, misses: 0, invalidations: 0, flushes: 0, entries: 0, bytes: 0 };
   }
 
   /**

@@ -23,7 +23,7 @@ pub const BATCH_KEYS: usize = 1000;
 /// Reply bytes one `MGET` may bring (a single larger value still goes alone).
 pub const BATCH_BYTES: u64 = 1 << 20;
 /// What one `{hit: true, value: …}` entry costs on top of its value.
-const ENTRY_OVERHEAD: u64 = 16;
+const ENTRY_OVERHEAD: u64 = 32;
 
 /// One value of an answer: read from Redis now, or held in the near-cache (fresh,
 /// or stale standing in for an unavailable Redis).
@@ -124,13 +124,14 @@ impl CacheService {
         for (p, &i) in positions.iter().enumerate() {
             let blob = blobs[i].as_ref();
             match blob.and_then(|b| decode_blob(b.bytes())) {
-                Some((value, _)) => {
+                Some((value, ttl)) => {
                     self.stats.hits.inc();
                     if let Some(Blob::Stale(_)) = blob {
                         w.map(3).str("hit").bool(true).str("value").raw(value);
                         w.str("stale").bool(true);
                     } else {
-                        w.map(2).str("hit").bool(true).str("value").raw(value);
+                        w.map(3).str("hit").bool(true).str("value").raw(value);
+                        w.str("ttl_ms").uint(ttl);
                     }
                 }
                 None => {

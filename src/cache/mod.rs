@@ -531,13 +531,19 @@ impl CacheService {
         }
     }
 
-    /// `{hit: true, value}`, counting the hit (a foreign blob counts as a miss).
+    /// `{hit: true, value, ttl_ms}`, counting the hit (a foreign blob counts as a miss).
     fn hit_or_miss(&self, blob: &[u8]) -> Vec<u8> {
         match decode_blob(blob) {
-            Some((value, _)) => {
+            Some((value, ttl)) => {
                 self.stats.hits.inc();
-                let mut w = Writer::with_capacity(value.len() + 16);
-                w.map(2).str("hit").bool(true).str("value").raw(value);
+                let mut w = Writer::with_capacity(value.len() + 24);
+                w.map(3)
+                    .str("hit")
+                    .bool(true)
+                    .str("value")
+                    .raw(value)
+                    .str("ttl_ms")
+                    .uint(ttl);
                 w.into_vec()
             }
             None => {

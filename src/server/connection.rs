@@ -50,12 +50,33 @@ const OWN_CHUNK: usize = 64 * 1024;
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 /// Sends one error frame with a nil id and closes: for refusals right after accept.
+///
+/// A lingering close: after the frame, the write side is shut and what the client
+/// sent (its `hello`) is read and dropped until it hangs up (at most [`LINGER`]).
+/// Closing with its bytes unread would make Linux reset the connection, and a
+/// client could then see "connection reset" instead of the refusal.
 pub(crate) async fn refuse(stream: UnixStream, err: OpError) {
-    let (_, wr) = stream.into_split();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, wr) = stream.into_split();
     let mut out = Output::new(wr, usize::MAX);
     out.push(Response::error(None, &err));
     let _ = tokio::time::timeout(FINAL_FLUSH, out.drain()).await;
+    let _ = out.wr.shutdown().await;
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut left = 1 << 20;
+        while left > 0 {
+            match rd.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    })
+    .await;
 }
+
+/// How long a refused connection is drained before it is closed.
+const LINGER: Duration = Duration::from_millis(200);
 
 /// The responses waiting to be written, and the socket they go to. Small answers
 /// coalesce in `tail`; a large result goes into the queue as its own chunk, as it

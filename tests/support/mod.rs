@@ -149,6 +149,19 @@ impl RedisServer {
         signal(self.pid(), nix::sys::signal::Signal::SIGCONT);
     }
 
+    /// `CLIENT KILL TYPE normal SKIPME yes`: every client connection but the one
+    /// asking (the daemons' connections) is closed by Redis.
+    pub fn kill_clients(&self) {
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query(&mut self.conn())
+            .expect("CLIENT KILL");
+    }
+
     /// A synchronous connection for test assertions straight against Redis.
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())

@@ -1,7 +1,9 @@
 // getOrSet hits from Node.js: the satchel client (cache.fetch over the daemon's socket,
 // answered from the daemon's near-cache) against node-redis 5 doing the same cache-aside
 // straight to Redis (GET, JSON.parse; SET on a miss), without and with node-redis'
-// own client-side cache (RESP3 `clientSideCache`, hits from the Node process' memory).
+// own client-side cache (RESP3 `clientSideCache`, hits from the Node process' memory),
+// and satchel with its in-process cache (`localCache`, kept coherent by the daemon's
+// push frames).
 // One process, one private redis-server shared by all sides, alternating runs, medians
 // reported.
 //
@@ -76,6 +78,8 @@ async function main() {
   const daemon = await new Daemon(path.join(dir, 'satchel.sock'), redis.url, {}, SATCHEL_BIN).start();
   console.log(`daemon: ${SATCHEL_BIN}`);
   const satchel = new SatchelClient({ socket: daemon.socket, clientName: 'bench' });
+  // The same with the in-process cache: hits never leave this process.
+  const satchelLocal = new SatchelClient({ socket: daemon.socket, clientName: 'bench-local', localCache: { maxBytes: 64 << 20 } });
   const direct = createClient({ url: redis.url });
   direct.on('error', () => {});
   await direct.connect();
@@ -101,6 +105,7 @@ async function main() {
 
   const sides = {
     satchel: (k) => satchel.cache.getOrSet(`exam:${k}`, () => loader(k), { ttlMs: 3_600_000 }),
+    'satchel local': (k) => satchelLocal.cache.getOrSet(`exam:${k}`, () => loader(k), { ttlMs: 3_600_000 }),
     // The cache-aside a Node backend writes by hand with node-redis.
     'node-redis': async (k) => {
       const key = `direct:exam:${k}`;
@@ -142,10 +147,11 @@ async function main() {
       p50: median(runs[name].map((x) => x.p50)),
       p99: median(runs[name].map((x) => x.p99)),
     });
-    rows.push({ inflight, satchel: med('satchel'), direct: med('node-redis'), csc: med('node-redis csc') });
+    rows.push({ inflight, satchel: med('satchel'), local: med('satchel local'), direct: med('node-redis'), csc: med('node-redis csc') });
   }
 
   satchel.close();
+  satchelLocal.close();
   await direct.quit();
   await cached.quit();
   await daemon.stop('SIGTERM');
@@ -158,14 +164,15 @@ async function main() {
   const f1 = (x) => x.toFixed(1);
   console.log(`getOrSet hits, ${KEYS} keys, ~200-byte values; medians of ${RUNS} runs of ${SECS} s each side`);
   console.log(
-    '| in flight | node-redis ops/s | node-redis csc ops/s | satchel ops/s | satchel / node-redis | satchel / csc | p50 µs node-redis / csc / satchel | p99 µs node-redis / csc / satchel |',
+    '| in flight | node-redis ops/s | node-redis csc ops/s | satchel ops/s | satchel local ops/s | satchel / node-redis | satchel / csc | local / node-redis | local / csc | p50 µs node-redis / csc / satchel / local |',
   );
-  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|');
+  console.log('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
+  const x = (a, b) => `${(a / b).toFixed(2)}x`;
   for (const r of rows) {
     console.log(
-      `| ${r.inflight} | ${f0(r.direct.ops)} | ${f0(r.csc.ops)} | ${f0(r.satchel.ops)} | ` +
-        `${(r.satchel.ops / r.direct.ops).toFixed(2)}x | ${(r.satchel.ops / r.csc.ops).toFixed(2)}x | ` +
-        `${f1(r.direct.p50)} / ${f1(r.csc.p50)} / ${f1(r.satchel.p50)} | ${f1(r.direct.p99)} / ${f1(r.csc.p99)} / ${f1(r.satchel.p99)} |`,
+      `| ${r.inflight} | ${f0(r.direct.ops)} | ${f0(r.csc.ops)} | ${f0(r.satchel.ops)} | ${f0(r.local.ops)} | ` +
+        `${x(r.satchel.ops, r.direct.ops)} | ${x(r.satchel.ops, r.csc.ops)} | ${x(r.local.ops, r.direct.ops)} | ${x(r.local.ops, r.csc.ops)} | ` +
+        `${f1(r.direct.p50)} / ${f1(r.csc.p50)} / ${f1(r.satchel.p50)} / ${f1(r.local.p50)} |`,
     );
   }
 }

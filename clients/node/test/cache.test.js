@@ -183,7 +183,9 @@ describe('getOrSet', () => {
     assert.equal(r.hit, false);
     assert.equal(typeof r.lease, 'string');
     assert.equal(await client.cache.fill('manual', r.lease, 'v', { tags: ['t-manual'] }), true);
-    assert.deepEqual(await client.cache.fetch('manual'), { hit: true, value: 'v' });
+    const hit = await client.cache.fetch('manual');
+    assert.deepEqual({ hit: hit.hit, value: hit.value }, { hit: true, value: 'v' });
+    assert.ok(hit.ttlMs > 0 && hit.ttlMs <= 3_600_000, `ttlMs ${hit.ttlMs}`);
     assert.equal(await client.cache.fill('manual', r.lease, 'again'), false);
   });
 });

@@ -145,7 +145,9 @@ def test_fetch_and_fill_expose_leases(client):
     r = client.cache.fetch("manual", lease_ms=5000)
     assert r["hit"] is False and isinstance(r["lease"], str)
     assert client.cache.fill("manual", r["lease"], "v", tags=["t-manual"]) is True
-    assert client.cache.fetch("manual") == {"hit": True, "value": "v"}
+    hit = client.cache.fetch("manual")
+    assert {k: hit[k] for k in ("hit", "value")} == {"hit": True, "value": "v"}
+    assert 0 < hit["ttl_ms"] <= 3_600_000
     assert client.cache.fill("manual", r["lease"], "again") is False
 
 
