@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
+import threading
+import time
 from typing import Any, Dict, Iterable, Optional
 
 import msgpack
@@ -172,3 +175,117 @@ def mail_fields(
         idempotency_key=idempotency_key,
         send_at_ms=send_at_ms,
     )
+
+
+# What a local entry costs besides its encoded value and key (dict slots, the tuple).
+_LOCAL_ENTRY_OVERHEAD = 120
+
+
+class LocalCache:
+    """The in-process cache (``local_cache_bytes``): values this process read, kept
+    encoded (callers never share a mutable object), bounded by bytes (least recently
+    used first), coherent through the daemon's push frames (``cache.track``,
+    protocol.md "Push frames"). A read marks its key pending; an invalidation or flush
+    that arrives before its answer voids it, and a voided answer is used, not kept.
+    Thread-safe: the blocking client's reader thread delivers pushes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()  # key -> (bytes, expires_at, size)
+        self._pending: Dict[str, list] = {}  # key -> [reads, voided]
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.epoch = 0
+        self.live = False
+        self.hits = self.misses = self.invalidations = self.flushes = 0
+
+    def get(self, key: str) -> Optional[tuple]:
+        """``(value, ttl_ms)`` of a live entry, or None."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                self.misses += 1
+                return None
+            now = time.monotonic()
+            if now >= e[1]:
+                self._drop(key)
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            blob, expires = e[0], e[1]
+        return decode_body(blob), max(1, int((expires - now) * 1000))
+
+    def begin(self, key: str) -> int:
+        with self._lock:
+            p = self._pending.get(key)
+            if p is None:
+                p = self._pending[key] = [0, False]
+            p[0] += 1
+            return self.epoch
+
+    def finish(self, key: str, epoch: int, hit: bool = False, value: Any = None, ttl_ms: Any = None) -> None:
+        with self._lock:
+            p = self._pending.get(key)
+            voided = True
+            if p is not None:
+                voided = p[1]
+                p[0] -= 1
+                if p[0] == 0:
+                    del self._pending[key]
+            if voided or epoch != self.epoch or not self.live or not hit or not ttl_ms or ttl_ms <= 0:
+                return
+            blob = msgpack.packb(value, use_bin_type=True)
+            size = len(blob) + len(key) + _LOCAL_ENTRY_OVERHEAD
+            if size > self.max_bytes // 4:
+                return
+            self._drop(key)
+            self._entries[key] = (blob, time.monotonic() + ttl_ms / 1000.0, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+
+    def _drop(self, key: str) -> None:
+        e = self._entries.pop(key, None)
+        if e is not None:
+            self.bytes -= e[2]
+
+    def invalidate(self, key: str) -> None:
+        with self._lock:
+            p = self._pending.get(key)
+            if p is not None:
+                p[1] = True
+            self._drop(key)
+
+    def flush(self) -> None:
+        with self._lock:
+            self.epoch += 1
+            self._entries.clear()
+            self.bytes = 0
+            self.flushes += 1
+
+    def on_push(self, msg: Dict[str, Any]) -> None:
+        kind = msg.get("push")
+        if kind == "invalidate":
+            keys = msg.get("keys") or []
+            for k in keys:
+                self.invalidate(k)
+            with self._lock:
+                self.invalidations += len(keys)
+        elif kind == "flush":
+            self.flush()
+
+    def stats(self) -> Dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "entries": len(self._entries),
+                "bytes": self.bytes,
+                "invalidations": self.invalidations,
+                "flushes": self.flushes,
+            }
+
+
+EMPTY_LOCAL_STATS = {"hits": 0, "misses": 0, "entries": 0, "bytes": 0, "invalidations": 0, "flushes": 0}

@@ -17,9 +17,11 @@ from ._common import (
     CLOSED,
     DEFAULT_MAX_FRAME,
     DISCONNECTED,
+    EMPTY_LOCAL_STATS,
     PROTOCOL_VERSION,
     UNREACHABLE,
     FrameReader,
+    LocalCache,
     SatchelError,
     as_list,
     decode_body,
@@ -32,7 +34,8 @@ from ._common import (
 
 
 class _AioConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: Optional[LocalCache] = None):
+        self.local = local
         self.reader = reader
         self.writer = writer
         self.pending: Dict[int, Any] = {}  # id -> (Future, op)
@@ -93,6 +96,10 @@ class _AioConnection:
             return
         rid = msg.get("id")
         if rid is None:
+            if "push" in msg:
+                if self.local is not None:
+                    self.local.on_push(msg)
+                return
             if msg.get("ok") is False:
                 self.fatal = error_from_wire(msg.get("error"), None)
             return
@@ -112,6 +119,10 @@ class _AioConnection:
 
     def fail_all(self) -> None:
         self.closed = True
+        # Pushes are per connection: what was kept can no longer be trusted.
+        if self.local is not None:
+            self.local.live = False
+            self.local.flush()
         pending, self.pending = self.pending, {}
         unsent = {rid for rid, _ in self.backlog}
         self.backlog.clear()
@@ -151,7 +162,12 @@ class AsyncClient:
         connect_timeout: float = 2.0,
         request_timeout: Optional[float] = None,
         max_queued: Optional[int] = None,
+        local_cache_bytes: int = 0,
     ):
+        """``local_cache_bytes`` > 0 keeps values this process read in its own memory
+        (hits cost no I/O), coherent through the daemon's invalidation pushes; it needs
+        the daemon's near-cache (``cache.near``, on by default)."""
+        self.local = LocalCache(local_cache_bytes) if local_cache_bytes > 0 else None
         self.socket_path = socket or default_socket_path()
         self.max_queued = max_queued
         self.client_name = client_name or f"python-asyncio/{os.getpid()}"
@@ -187,7 +203,7 @@ class AsyncClient:
             raise SatchelError(
                 UNREACHABLE, f"cannot connect to the satchel daemon at {self.socket_path}: {e!r}"
             ) from None
-        conn = _AioConnection(reader, writer)
+        conn = _AioConnection(reader, writer, self.local)
         conn.task = asyncio.ensure_future(conn.read_loop())
         try:
             hello = await asyncio.wait_for(
@@ -204,6 +220,14 @@ class AsyncClient:
         conn.max_frame = int(hello.get("max_frame") or DEFAULT_MAX_FRAME)
         if hello.get("max_inflight"):
             conn.max_on_wire = int(hello["max_inflight"])
+        if self.local is not None:
+            # Track before any read goes out on this connection; a daemon that cannot
+            # (cache.near off) leaves the local cache off for this connection.
+            try:
+                tracked = await asyncio.wait_for(self._send(conn, "cache.track", {}), self.connect_timeout)
+                self.local.live = bool(tracked and tracked.get("tracking"))
+            except (SatchelError, asyncio.TimeoutError):
+                self.local.live = False
         self._conn = conn
         return conn
 
@@ -293,30 +317,98 @@ class AsyncCacheApi:
     def __init__(self, client: AsyncClient):
         self._c = client
 
+    async def _local(self) -> Optional[LocalCache]:
+        local = self._c.local
+        if local is None:
+            return None
+        if self._c._conn is None or self._c._conn.closed:
+            await self._c._ensure()
+        return local if local.live else None
+
+    async def _read(self, op: str, key: str, args: Dict[str, Any]) -> Dict[str, Any]:
+        """One read through the local cache: a local hit, or the daemon's answer (kept
+        unless an invalidation overtook it)."""
+        local = await self._local()
+        if local is None:
+            return await self._c._call(op, args)
+        got = local.get(key)
+        if got is not None:
+            return {"hit": True, "value": got[0], "ttl_ms": got[1]}
+        epoch = local.begin(key)
+        try:
+            r = await self._c._call(op, args)
+        except BaseException:
+            local.finish(key, epoch)
+            raise
+        local.finish(key, epoch, bool(r.get("hit")) and not r.get("stale"), r.get("value"), r.get("ttl_ms"))
+        return r
+
     async def get(self, key: str) -> Dict[str, Any]:
-        return await self._c.request("cache.get", key=key)
+        return await self._read("cache.get", key, {"key": key})
 
     async def mget(self, keys: Sequence[str]) -> List[Dict[str, Any]]:
-        return await self._c.request("cache.mget", keys=list(keys))
+        local = await self._local()
+        if local is None:
+            return await self._c.request("cache.mget", keys=list(keys))
+        out: List[Any] = [None] * len(keys)
+        ask = []
+        for i, k in enumerate(keys):
+            got = local.get(k)
+            if got is not None:
+                out[i] = {"hit": True, "value": got[0], "ttl_ms": got[1]}
+            else:
+                ask.append(i)
+        if not ask:
+            return out
+        ask_keys = [keys[i] for i in ask]
+        epochs = [local.begin(k) for k in ask_keys]
+        try:
+            r = await self._c._call("cache.mget", {"keys": ask_keys})
+        except BaseException:
+            for k, e in zip(ask_keys, epochs):
+                local.finish(k, e)
+            raise
+        for j, i in enumerate(ask):
+            e = r[j]
+            local.finish(keys[i], epochs[j], bool(e.get("hit")) and not e.get("stale"), e.get("value"), e.get("ttl_ms"))
+            out[i] = e
+        return out
+
+    def _forget(self, keys: Sequence[str]) -> None:
+        if self._c.local is not None:
+            for k in keys:
+                self._c.local.invalidate(k)
 
     async def set(self, key: str, value: Any, ttl_ms: Optional[int] = None, tags: Optional[Sequence[str]] = None) -> bool:
         args = fields(key=key, ttl_ms=ttl_ms, tags=as_list(tags))
         args["value"] = value
-        return (await self._c._call("cache.set", args))["stored"]
+        self._forget([key])
+        stored = (await self._c._call("cache.set", args))["stored"]
+        self._forget([key])
+        return stored
 
     async def delete(self, keys: Union[str, Sequence[str]]) -> int:
-        return (await self._c.request("cache.del", keys=as_list(keys)))["deleted"]
+        keys = as_list(keys) or []
+        deleted = (await self._c.request("cache.del", keys=keys))["deleted"]
+        self._forget(keys)
+        return deleted
 
     async def invalidate(self, tags: Optional[Sequence[str]] = None, prefix: Optional[str] = None) -> int:
         return (await self._c.request("cache.invalidate", tags=as_list(tags), prefix=prefix))["deleted"]
 
     async def fetch(self, key: str, lease_ms: Optional[int] = None, wait_ms: Optional[int] = None) -> Dict[str, Any]:
-        return await self._c.request("cache.fetch", key=key, lease_ms=lease_ms, wait_ms=wait_ms)
+        return await self._read("cache.fetch", key, fields(key=key, lease_ms=lease_ms, wait_ms=wait_ms))
 
     async def fill(self, key: str, lease: str, value: Any, ttl_ms: Optional[int] = None, tags: Optional[Sequence[str]] = None) -> bool:
         args = fields(key=key, lease=lease, ttl_ms=ttl_ms, tags=as_list(tags))
         args["value"] = value
-        return (await self._c._call("cache.fill", args))["stored"]
+        stored = (await self._c._call("cache.fill", args))["stored"]
+        self._forget([key])
+        return stored
+
+    def local_stats(self) -> Dict[str, int]:
+        """The local cache's counters: hits, misses, entries, bytes, invalidations, flushes."""
+        return self._c.local.stats() if self._c.local is not None else dict(EMPTY_LOCAL_STATS)
 
     async def get_or_set(
         self,
@@ -329,6 +421,11 @@ class AsyncCacheApi:
         strict: bool = False,
     ) -> Any:
         """Like ``Client.cache.get_or_set``; ``loader`` may be sync or async."""
+        local = self._c.local
+        if local is not None and local.live:
+            got = local.get(key)
+            if got is not None:
+                return got[0]
         try:
             r = await self.fetch(key, lease_ms=lease_ms, wait_ms=wait_ms)
         except SatchelError as e:

@@ -16,9 +16,11 @@ from ._common import (
     CLOSED,
     DEFAULT_MAX_FRAME,
     DISCONNECTED,
+    EMPTY_LOCAL_STATS,
     PROTOCOL_VERSION,
     UNREACHABLE,
     FrameReader,
+    LocalCache,
     SatchelError,
     as_list,
     decode_body,
@@ -31,8 +33,9 @@ from ._common import (
 
 
 class _Connection:
-    def __init__(self, sock: _socket.socket):
+    def __init__(self, sock: _socket.socket, local: Optional[LocalCache] = None):
         self.sock = sock
+        self.local = local
         self.pending: Dict[int, Any] = {}  # id -> (Future, op)
         self.plock = threading.Lock()
         self.closed = False
@@ -63,6 +66,10 @@ class _Connection:
             return
         rid = msg.get("id")
         if rid is None:
+            if "push" in msg:
+                if self.local is not None:
+                    self.local.on_push(msg)
+                return
             # FORBIDDEN, connection-limit UNAVAILABLE or TOO_LARGE: the daemon closes next.
             if msg.get("ok") is False:
                 self.fatal = error_from_wire(msg.get("error"), None)
@@ -81,6 +88,10 @@ class _Connection:
         with self.plock:
             self.closed = True
             pending, self.pending = self.pending, {}
+        # Pushes are per connection: what was kept can no longer be trusted.
+        if self.local is not None:
+            self.local.live = False
+            self.local.flush()
         err = self.fatal
         for fut, op in pending.values():
             if not fut.done():
@@ -117,7 +128,12 @@ class Client:
         client_name: Optional[str] = None,
         connect_timeout: float = 2.0,
         request_timeout: Optional[float] = None,
+        local_cache_bytes: int = 0,
     ):
+        """``local_cache_bytes`` > 0 keeps values this process read in its own memory
+        (hits cost no I/O), coherent through the daemon's invalidation pushes; it needs
+        the daemon's near-cache (``cache.near``, on by default)."""
+        self.local = LocalCache(local_cache_bytes) if local_cache_bytes > 0 else None
         self.socket_path = socket or default_socket_path()
         self.client_name = client_name or f"python/{threading.get_native_id()}"
         self.connect_timeout = connect_timeout
@@ -146,7 +162,7 @@ class Client:
                 UNREACHABLE, f"cannot connect to the satchel daemon at {self.socket_path}: {e}"
             ) from None
         sock.settimeout(None)
-        conn = _Connection(sock)
+        conn = _Connection(sock, self.local)
         threading.Thread(target=conn.read_loop, name="satchel-reader", daemon=True).start()
         fut = self._send_locked(conn, "hello", {"protocol": PROTOCOL_VERSION, "client": self.client_name})
         try:
@@ -159,6 +175,14 @@ class Client:
             raise SatchelError("INTERNAL", f"daemon speaks protocol {hello.get('protocol')}")
         conn.hello = hello
         conn.max_frame = int(hello.get("max_frame") or DEFAULT_MAX_FRAME)
+        if self.local is not None:
+            # Track before any read goes out on this connection; a daemon that cannot
+            # (cache.near off) leaves the local cache off for this connection.
+            try:
+                tracked = self._send_locked(conn, "cache.track", {}).result(self.connect_timeout)
+                self.local.live = bool(tracked and tracked.get("tracking"))
+            except (SatchelError, _FutureTimeout):
+                self.local.live = False
         self._conn = conn
         return conn
 
@@ -242,33 +266,101 @@ class CacheApi:
     def __init__(self, client: Client):
         self._c = client
 
+    def _local(self) -> Optional[LocalCache]:
+        local = self._c.local
+        if local is None:
+            return None
+        if self._c._conn is None or self._c._conn.closed:
+            self._c.connect()
+        return local if local.live else None
+
+    def _read(self, op: str, key: str, args: Dict[str, Any]) -> Dict[str, Any]:
+        """One read through the local cache: a local hit, or the daemon's answer (kept
+        unless an invalidation overtook it)."""
+        local = self._local()
+        if local is None:
+            return self._c._call(op, args)
+        got = local.get(key)
+        if got is not None:
+            return {"hit": True, "value": got[0], "ttl_ms": got[1]}
+        epoch = local.begin(key)
+        try:
+            r = self._c._call(op, args)
+        except BaseException:
+            local.finish(key, epoch)
+            raise
+        local.finish(key, epoch, bool(r.get("hit")) and not r.get("stale"), r.get("value"), r.get("ttl_ms"))
+        return r
+
     def get(self, key: str) -> Dict[str, Any]:
         """``{"hit": True, "value": v, "ttl_ms": n}`` or ``{"hit": False}``."""
-        return self._c.request("cache.get", key=key)
+        return self._read("cache.get", key, {"key": key})
 
     def mget(self, keys: Sequence[str]) -> List[Dict[str, Any]]:
-        return self._c.request("cache.mget", keys=list(keys))
+        local = self._local()
+        if local is None:
+            return self._c.request("cache.mget", keys=list(keys))
+        out: List[Any] = [None] * len(keys)
+        ask = []
+        for i, k in enumerate(keys):
+            got = local.get(k)
+            if got is not None:
+                out[i] = {"hit": True, "value": got[0], "ttl_ms": got[1]}
+            else:
+                ask.append(i)
+        if not ask:
+            return out
+        ask_keys = [keys[i] for i in ask]
+        epochs = [local.begin(k) for k in ask_keys]
+        try:
+            r = self._c._call("cache.mget", {"keys": ask_keys})
+        except BaseException:
+            for k, e in zip(ask_keys, epochs):
+                local.finish(k, e)
+            raise
+        for j, i in enumerate(ask):
+            e = r[j]
+            local.finish(keys[i], epochs[j], bool(e.get("hit")) and not e.get("stale"), e.get("value"), e.get("ttl_ms"))
+            out[i] = e
+        return out
+
+    def _forget(self, keys: Sequence[str]) -> None:
+        if self._c.local is not None:
+            for k in keys:
+                self._c.local.invalidate(k)
 
     def set(self, key: str, value: Any, ttl_ms: Optional[int] = None, tags: Optional[Sequence[str]] = None) -> bool:
         args = fields(key=key, ttl_ms=ttl_ms, tags=as_list(tags))
         args["value"] = value
-        return self._c._call("cache.set", args)["stored"]
+        self._forget([key])
+        stored = self._c._call("cache.set", args)["stored"]
+        self._forget([key])
+        return stored
 
     def delete(self, keys: Union[str, Sequence[str]]) -> int:
         """Deletes one key or several; returns how many existed. (``del`` is a keyword.)"""
-        return self._c.request("cache.del", keys=as_list(keys))["deleted"]
+        keys = as_list(keys) or []
+        deleted = self._c.request("cache.del", keys=keys)["deleted"]
+        self._forget(keys)
+        return deleted
+
+    def local_stats(self) -> Dict[str, int]:
+        """The local cache's counters: hits, misses, entries, bytes, invalidations, flushes."""
+        return self._c.local.stats() if self._c.local is not None else dict(EMPTY_LOCAL_STATS)
 
     def invalidate(self, tags: Optional[Sequence[str]] = None, prefix: Optional[str] = None) -> int:
         return self._c.request("cache.invalidate", tags=as_list(tags), prefix=prefix)["deleted"]
 
     def fetch(self, key: str, lease_ms: Optional[int] = None, wait_ms: Optional[int] = None) -> Dict[str, Any]:
-        """``{"hit": True, "value"}``, ``{"hit": False, "lease"}`` (load and fill) or ``{"hit": False}``."""
-        return self._c.request("cache.fetch", key=key, lease_ms=lease_ms, wait_ms=wait_ms)
+        """``{"hit": True, "value", "ttl_ms"}``, ``{"hit": False, "lease"}`` (load and fill) or ``{"hit": False}``."""
+        return self._read("cache.fetch", key, fields(key=key, lease_ms=lease_ms, wait_ms=wait_ms))
 
     def fill(self, key: str, lease: str, value: Any, ttl_ms: Optional[int] = None, tags: Optional[Sequence[str]] = None) -> bool:
         args = fields(key=key, lease=lease, ttl_ms=ttl_ms, tags=as_list(tags))
         args["value"] = value
-        return self._c._call("cache.fill", args)["stored"]
+        stored = self._c._call("cache.fill", args)["stored"]
+        self._forget([key])
+        return stored
 
     def get_or_set(
         self,
@@ -284,6 +376,11 @@ class CacheApi:
         concurrent callers wait for its value. Without a lease the loader runs and nothing
         is filled; a raising loader raises here and its lease expires. On a cache outage
         the loader runs uncached unless ``strict``."""
+        local = self._c.local
+        if local is not None and local.live:
+            got = local.get(key)
+            if got is not None:
+                return got[0]
         try:
             r = self.fetch(key, lease_ms=lease_ms, wait_ms=wait_ms)
         except SatchelError as e:
