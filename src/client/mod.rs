@@ -15,6 +15,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::protocol::{ErrorCode, FrameCodec};
 
+mod local;
+use local::LocalCache;
+pub use local::LocalStats;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {path}: {message}")]
@@ -65,9 +69,92 @@ pub struct Client {
     /// A connection-level error the daemon sent (then it closed the connection).
     fatal: Arc<Mutex<Option<ClientError>>>,
     next_id: Arc<AtomicU64>,
+    /// The in-process cache, when asked for ([`ClientBuilder::local_cache_bytes`]).
+    local: Option<Arc<LocalCache>>,
+}
+
+/// Options for [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    path: std::path::PathBuf,
+    local_cache_bytes: u64,
+}
+
+impl ClientBuilder {
+    /// Keep values this process read in its own memory, up to `bytes` (0, the
+    /// default: off). Hits then cost no I/O; the daemon's push frames keep it
+    /// coherent (protocol.md, "Push frames"). Needs the daemon's near-cache
+    /// (`cache.near`); without it the local cache stays off.
+    pub fn local_cache_bytes(mut self, bytes: u64) -> ClientBuilder {
+        self.local_cache_bytes = bytes;
+        self
+    }
+
+    pub async fn connect(self) -> Result<Client, ClientError> {
+        let local =
+            (self.local_cache_bytes > 0).then(|| Arc::new(LocalCache::new(self.local_cache_bytes)));
+        let client = Client::open(&self.path, local.clone()).await?;
+        if let Some(local) = &local {
+            // Before any read goes out on this connection.
+            let tracked = client.call("cache.track", vec![]).await;
+            let on = matches!(&tracked, Ok(r) if get(r, "tracking").and_then(Value::as_bool) == Some(true));
+            local.live.store(on, Ordering::Release);
+        }
+        Ok(client)
+    }
 }
 
 impl Client {
+    /// A client with options (the local cache); [`Client::connect`] is the default.
+    pub fn builder(path: impl AsRef<Path>) -> ClientBuilder {
+        ClientBuilder {
+            path: path.as_ref().to_owned(),
+            local_cache_bytes: 0,
+        }
+    }
+
+    /// The local cache's counters (all zero without one).
+    pub fn local_stats(&self) -> LocalStats {
+        self.local.as_ref().map(|l| l.stats()).unwrap_or_default()
+    }
+
+    /// The local cache when it may answer reads.
+    fn live_local(&self) -> Option<&LocalCache> {
+        self.local.as_deref().filter(|l| l.is_live())
+    }
+
+    fn forget_local(&self, keys: &[&str]) {
+        if let Some(l) = &self.local {
+            for k in keys {
+                l.invalidate(k);
+            }
+        }
+    }
+
+    /// One read through the local cache: a local hit (as `{hit, value, ttl_ms}`), or
+    /// the daemon's answer, kept unless an invalidation overtook it.
+    async fn read_through(
+        &self,
+        op: &str,
+        key: &str,
+        fields: Vec<(&str, Value)>,
+    ) -> Result<Value, ClientError> {
+        let Some(local) = self.live_local() else {
+            return self.call(op, fields).await;
+        };
+        if let Some((value, ttl)) = local.get(key) {
+            return Ok(Value::Map(vec![
+                (Value::from("hit"), Value::from(true)),
+                (Value::from("value"), value),
+                (Value::from("ttl_ms"), Value::from(ttl)),
+            ]));
+        }
+        let epoch = local.begin(key);
+        let r = self.call(op, fields).await;
+        local.finish(key, epoch, r.as_ref().ok().and_then(keepable));
+        r
+    }
+
     /// The socket a client uses when told none: `SATCHEL_SOCKET`, else the rule the
     /// daemon uses too ([`crate::config::default_socket_path_for`], protocol.md).
     pub fn default_socket_path() -> std::path::PathBuf {
@@ -83,7 +170,10 @@ impl Client {
     }
 
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
-        let path = path.as_ref();
+        Client::open(path.as_ref(), None).await
+    }
+
+    async fn open(path: &Path, local: Option<Arc<LocalCache>>) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| ClientError::Connect {
@@ -111,6 +201,7 @@ impl Client {
             }
         });
         let reader_pending = pending.clone();
+        let reader_local = local.clone();
         let fatal: Arc<Mutex<Option<ClientError>>> = Arc::default();
         let reader_fatal = fatal.clone();
         tokio::spawn(async move {
@@ -118,9 +209,15 @@ impl Client {
             while let Some(Ok(frame)) = reader.next().await {
                 let (id, outcome) = match decode_response(&frame) {
                     Ok(decoded) => decoded,
-                    // A push frame (`cache.track`, protocol.md): not an answer. This
-                    // client keeps no local cache yet, so it has nothing to drop.
-                    Err(_) if is_push(&frame) => continue,
+                    // A push frame (`cache.track`, protocol.md): not an answer.
+                    Err(_) if is_push(&frame) => {
+                        if let (Some(local), Ok(msg)) =
+                            (&reader_local, rmpv::decode::read_value(&mut &frame[..]))
+                        {
+                            local.on_push(&msg);
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         // Which caller it was for cannot be known, so nobody can be
                         // answered reliably any more: fail them all and close.
@@ -161,6 +258,11 @@ impl Client {
                     let _ = waiter.send(outcome);
                 }
             }
+            // Pushes are per connection: what was kept can no longer be trusted.
+            if let Some(local) = &reader_local {
+                local.live.store(false, Ordering::Release);
+                local.flush();
+            }
             let waiting = reader_pending.lock().ok().and_then(|mut p| p.take());
             for (_, waiter) in waiting.into_iter().flatten() {
                 let _ = waiter.send(Err(ClientError::Closed));
@@ -171,6 +273,7 @@ impl Client {
             pending,
             fatal,
             next_id: Arc::new(AtomicU64::new(1)),
+            local,
         })
     }
 
@@ -299,20 +402,54 @@ impl Client {
     /// `cache.get`: the value, or None on a miss.
     pub async fn cache_get(&self, key: &str) -> Result<Option<Value>, ClientError> {
         let r = self
-            .call("cache.get", vec![("key", Value::from(key))])
+            .read_through("cache.get", key, vec![("key", Value::from(key))])
             .await?;
         Ok(hit_value(&r))
     }
 
-    /// `cache.mget`: one entry per key, in order.
+    /// `cache.mget`: one entry per key, in order (local hits are not asked for).
     pub async fn cache_mget(&self, keys: &[&str]) -> Result<Vec<Option<Value>>, ClientError> {
+        let mut out: Vec<Option<Value>> = vec![None; keys.len()];
+        let mut ask: Vec<usize> = (0..keys.len()).collect();
+        let local = self.live_local();
+        if let Some(local) = local {
+            ask.clear();
+            for (i, k) in keys.iter().enumerate() {
+                match local.get(k) {
+                    Some((v, _)) => out[i] = Some(v),
+                    None => ask.push(i),
+                }
+            }
+            if ask.is_empty() {
+                return Ok(out);
+            }
+        }
+        let ask_keys: Vec<&str> = ask.iter().map(|&i| keys[i]).collect();
+        let epochs: Vec<u64> = match local {
+            Some(l) => ask_keys.iter().map(|k| l.begin(k)).collect(),
+            None => Vec::new(),
+        };
         let r = self
-            .call("cache.mget", vec![("keys", str_list(keys))])
-            .await?;
-        let items = r
-            .as_array()
-            .ok_or_else(|| ClientError::Protocol("cache.mget result is not an array".into()))?;
-        Ok(items.iter().map(hit_value).collect())
+            .call("cache.mget", vec![("keys", str_list(&ask_keys))])
+            .await;
+        let items = r.as_ref().ok().and_then(Value::as_array);
+        if let Some(local) = local {
+            for (j, k) in ask_keys.iter().enumerate() {
+                local.finish(
+                    k,
+                    epochs[j],
+                    items.and_then(|i| i.get(j)).and_then(keepable),
+                );
+            }
+        }
+        let items = items.ok_or_else(|| match &r {
+            Err(e) => e.clone(),
+            Ok(_) => ClientError::Protocol("cache.mget result is not an array".into()),
+        })?;
+        for (j, &i) in ask.iter().enumerate() {
+            out[i] = items.get(j).and_then(hit_value);
+        }
+        Ok(out)
     }
 
     /// `cache.set` with an optional TTL (ms) and tags.
@@ -330,15 +467,17 @@ impl Client {
         if !tags.is_empty() {
             fields.push(("tags", str_list(tags)));
         }
-        self.call("cache.set", fields).await.map(|_| ())
+        self.forget_local(&[key]);
+        let r = self.call("cache.set", fields).await.map(|_| ());
+        self.forget_local(&[key]);
+        r
     }
 
     /// `cache.del`: how many of `keys` existed.
     pub async fn cache_del(&self, keys: &[&str]) -> Result<u64, ClientError> {
-        let r = self
-            .call("cache.del", vec![("keys", str_list(keys))])
-            .await?;
-        Ok(get(&r, "deleted").and_then(Value::as_u64).unwrap_or(0))
+        let r = self.call("cache.del", vec![("keys", str_list(keys))]).await;
+        self.forget_local(keys);
+        Ok(get(&r?, "deleted").and_then(Value::as_u64).unwrap_or(0))
     }
 
     /// `cache.invalidate` by tags and/or prefix: how many keys were removed.
@@ -372,7 +511,7 @@ impl Client {
         if let Some(ms) = wait_ms {
             fields.push(("wait_ms", Value::from(ms)));
         }
-        let r = self.call("cache.fetch", fields).await?;
+        let r = self.read_through("cache.fetch", key, fields).await?;
         if let Some(v) = hit_value(&r) {
             return Ok(Fetch::Hit(v));
         }
@@ -402,8 +541,9 @@ impl Client {
         if !tags.is_empty() {
             fields.push(("tags", str_list(tags)));
         }
-        let r = self.call("cache.fill", fields).await?;
-        Ok(get(&r, "stored").and_then(Value::as_bool).unwrap_or(false))
+        let r = self.call("cache.fill", fields).await;
+        self.forget_local(&[key]);
+        Ok(get(&r?, "stored").and_then(Value::as_bool).unwrap_or(false))
     }
 
     /// Cache-aside with leases: returns the cached value, or runs `loader` (in exactly
@@ -444,6 +584,17 @@ pub enum GetOrSetError<E> {
     Client(ClientError),
     #[error("loader failed")]
     Loader(E),
+}
+
+/// A read's answer that may be kept locally: a fresh hit with its TTL.
+fn keepable(r: &Value) -> Option<(&Value, u64)> {
+    if get(r, "hit").and_then(Value::as_bool) != Some(true)
+        || get(r, "stale").and_then(Value::as_bool) == Some(true)
+    {
+        return None;
+    }
+    let ttl = get(r, "ttl_ms").and_then(Value::as_u64)?;
+    Some((get(r, "value")?, ttl))
 }
 
 fn hit_value(r: &Value) -> Option<Value> {
