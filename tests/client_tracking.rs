@@ -332,3 +332,96 @@ async fn the_rust_clients_local_cache_is_hit_without_io_and_kept_coherent() {
         "{s:?}"
     );
 }
+
+/// A read in flight when its invalidation arrives is answered but not kept: the local
+/// client's fetch waits for a lease holder while another daemon writes the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_clients_local_cache_keeps_no_value_an_invalidation_overtook() {
+    let redis = RedisServer::start();
+    let a = Daemon::start(&redis.url(), &[]);
+    let b = Daemon::start(&redis.url(), &[]);
+    wait_tracking_live(&a);
+    let plain = a.client().await;
+    let remote = b.client().await;
+    let local = satchel::Client::builder(&a.socket)
+        .local_cache_bytes(1 << 20)
+        .connect()
+        .await
+        .unwrap();
+    let satchel::client::Fetch::Lease(_) = plain
+        .cache_fetch("rs:race", Some(10_000), Some(0))
+        .await
+        .unwrap()
+    else {
+        panic!("expected the lease");
+    };
+    let lease_waits = |c: satchel::Client| async move {
+        let s = c.stats().await.unwrap();
+        field(field(&s, "cache"), "lease_waits").as_u64().unwrap()
+    };
+    let waits = lease_waits(plain.clone()).await;
+    let waiter = {
+        let local = local.clone();
+        tokio::spawn(async move { local.cache_fetch("rs:race", None, Some(10_000)).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let p = plain.clone();
+            async move { lease_waits(p).await > waits }
+        })
+        .await
+    );
+    let heard = local.local_stats().invalidations;
+    remote
+        .cache_set("rs:race", Value::from("written elsewhere"), None, &[])
+        .await
+        .unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        satchel::client::Fetch::Hit(Value::from("written elsewhere"))
+    );
+    assert!(wait_until(Duration::from_secs(5), || local
+        .local_stats()
+        .invalidations
+        > heard));
+    let misses = local.local_stats().misses;
+    assert_eq!(
+        local.cache_get("rs:race").await.unwrap(),
+        Some(Value::from("written elsewhere"))
+    );
+    assert_eq!(
+        local.local_stats().misses,
+        misses + 1,
+        "kept although its invalidation came first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_clients_local_cache_is_emptied_when_its_connection_drops() {
+    let redis = RedisServer::start();
+    let mut a = Daemon::start(&redis.url(), &[]);
+    wait_tracking_live(&a);
+    let local = satchel::Client::builder(&a.socket)
+        .local_cache_bytes(1 << 20)
+        .connect()
+        .await
+        .unwrap();
+    local
+        .cache_set("rs:d", Value::from(1), None, &[])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        local.cache_get("rs:d").await.unwrap();
+    }
+    assert!(local.local_stats().entries > 0);
+    a.kill();
+    assert!(wait_until(Duration::from_secs(5), || local
+        .local_stats()
+        .entries
+        == 0));
+    assert!(
+        local.cache_get("rs:d").await.is_err(),
+        "no answer from the local cache once the connection is gone"
+    );
+}

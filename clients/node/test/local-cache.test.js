@@ -95,6 +95,25 @@ describe('local cache', () => {
     assert.equal((await local.cache.get('lc:d')).value, 'changed while disconnected');
   });
 
+  test('a value read while its invalidation was in flight is not kept', async () => {
+    // The local client's fetch waits for a lease holder's fill: its read is in flight.
+    const holder = await plain.cache.fetch('lc:race', { leaseMs: 10_000 });
+    assert.ok(holder.lease);
+    const waits = (await plain.stats()).cache.leaseWaits;
+    const waiting = local.cache.fetch('lc:race', { waitMs: 10_000 });
+    await eventually('the fetch to wait', async () => (await plain.stats()).cache.leaseWaits > waits);
+    // Another daemon writes the key: the invalidation reaches the local client before
+    // the answer (which needs one more Redis round trip), so it must not be kept.
+    const { invalidations } = local.cache.localStats();
+    await remote.cache.set('lc:race', 'written elsewhere');
+    assert.equal((await waiting).value, 'written elsewhere');
+    // Whichever came first, once the invalidation is in nothing may be kept for the key.
+    await eventually('the invalidation', () => local.cache.localStats().invalidations > invalidations);
+    const { misses } = local.cache.localStats();
+    assert.equal((await local.cache.get('lc:race')).value, 'written elsewhere');
+    assert.equal(local.cache.localStats().misses, misses + 1, 'the answer was kept although its invalidation came first');
+  });
+
   test('under load no read returns a version older than the bound after its write was acknowledged', async () => {
     const KEYS = 4;
     const BOUND_MS = 500;

@@ -161,3 +161,26 @@ def test_the_pending_read_rule():
         small.finish(f"k{i}", small.begin(f"k{i}"), True, "x" * 100, 60_000)
     assert small.bytes <= 4096 and 0 < small.stats()["entries"] < 100
     assert small.get("k0") is None and small.get("k99")[0] == "x" * 100
+
+
+def test_a_value_read_while_its_invalidation_was_in_flight_is_not_kept(stack, other, plain):
+    remote = Client(other.socket)
+    with Client(stack.socket, local_cache_bytes=1 << 20) as local:
+        holder = plain.cache.fetch("py:race", lease_ms=10_000)
+        assert holder.get("lease")
+        waits = plain.stats()["cache"]["lease_waits"]
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(local.cache.fetch("py:race", wait_ms=10_000)))
+        t.start()
+        eventually("the fetch to wait", lambda: plain.stats()["cache"]["lease_waits"] > waits)
+        heard = local.cache.local_stats()["invalidations"]
+        # Another daemon writes the key: its invalidation reaches the local client
+        # before the answer (which needs one more Redis round trip).
+        remote.cache.set("py:race", "written elsewhere")
+        t.join(10)
+        assert answer.get("value") == "written elsewhere"
+        eventually("the invalidation", lambda: local.cache.local_stats()["invalidations"] > heard)
+        misses = local.cache.local_stats()["misses"]
+        assert local.cache.get("py:race")["value"] == "written elsewhere"
+        assert local.cache.local_stats()["misses"] == misses + 1, "kept although its invalidation came first"
+    remote.close()
