@@ -115,24 +115,72 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// The URL, with `redis.tls`, `redis.username` and `redis.password` applied, and
+/// TCP_NODELAY on.
+fn connection_info(cfg: &RedisConfig) -> Result<redis::ConnectionInfo, BackendError> {
+    let info = cfg
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(BackendError::Redis)?;
+    let info = match (cfg.tls, info.addr().clone()) {
+        (true, redis::ConnectionAddr::Tcp(host, port)) => {
+            info.set_addr(redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            })
+        }
+        _ => info,
+    };
+    let mut settings = info.redis_settings().clone();
+    if !cfg.username.is_empty() {
+        settings = settings.set_username(cfg.username.clone());
+    }
+    if !cfg.password.is_empty() {
+        settings = settings.set_password(cfg.password.clone());
+    }
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    Ok(info.set_redis_settings(settings).set_tcp_settings(tcp))
+}
+
+/// A client for `info`, trusting `redis.tls_ca_file` and presenting
+/// `redis.tls_cert_file` when they are set.
+fn open_client(
+    cfg: &RedisConfig,
+    info: redis::ConnectionInfo,
+) -> Result<redis::Client, BackendError> {
+    match &cfg.tls_files {
+        None => redis::Client::open(info),
+        Some(files) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: files
+                    .client
+                    .as_ref()
+                    .map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert.clone(),
+                        client_key: key.clone(),
+                    }),
+                root_cert: files.ca.clone(),
+            },
+        ),
+    }
+    .map_err(BackendError::Redis)
+}
+
 impl Backend {
     /// Creates the handle without connecting; call [`Backend::probe`] or run
     /// [`Backend::run_health`] to connect.
     pub fn new(cfg: &RedisConfig) -> Result<Arc<Backend>, BackendError> {
-        let info = cfg
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(BackendError::Redis)?;
-        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let info = info.set_tcp_settings(tcp);
+        let info = connection_info(cfg)?;
         let resp3_settings = info
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
-        let resp3 = redis::Client::open(info.clone().set_redis_settings(resp3_settings))
-            .map_err(BackendError::Redis)?;
-        let client = redis::Client::open(info).map_err(BackendError::Redis)?;
+        let resp3 = open_client(cfg, info.clone().set_redis_settings(resp3_settings))?;
+        let client = open_client(cfg, info)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout()))
             .set_response_timeout(Some(cfg.response_timeout()))
@@ -334,6 +382,11 @@ impl Backend {
 
     /// One PING; updates the up/down state. Returns whether Redis answered.
     pub async fn probe(&self) -> bool {
+        self.ping().await.is_ok()
+    }
+
+    /// As [`Backend::probe`], with the reason when Redis did not answer.
+    async fn ping(&self) -> Result<(), redis::RedisError> {
         let mut conn = self.conn.clone();
         let started = Instant::now();
         let result: Result<String, _> = tokio::time::timeout(
@@ -352,13 +405,13 @@ impl Backend {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!(url = %self.url, latency_us = started.elapsed().as_micros() as u64, "connected to redis");
                 }
-                true
+                Ok(())
             }
             Err(e) => {
                 if self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(url = %self.url, error = %e, "redis stopped answering");
                 }
-                false
+                Err(e)
             }
         }
     }
@@ -368,10 +421,12 @@ impl Backend {
     pub async fn run_health(self: Arc<Self>, shutdown: CancellationToken) {
         let mut logged_down_hint = false;
         loop {
-            let ok = self.probe().await;
-            if !ok && !logged_down_hint {
+            let outcome = self.ping().await;
+            let ok = outcome.is_ok();
+            if let (Err(e), false) = (&outcome, logged_down_hint) {
                 tracing::error!(
                     url = %self.url,
+                    error = %e,
                     "cannot reach redis at {}; satchel keeps running and retries every {} ms. \
                      Start one with `redis-server --port 6379` (Debian/Ubuntu: `sudo apt-get install redis-server`) \
                      or point SATCHEL_REDIS_URL / [redis] url at yours",

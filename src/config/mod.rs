@@ -13,6 +13,7 @@ mod mail;
 mod smtp_url;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,64 @@ pub struct RedisConfig {
     /// Microseconds a lone cache command (no other command in flight) busy-polls for
     /// its reply before the runtime thread sleeps; 0 = never.
     pub spin_us: u64,
+    /// TLS where the URL does not say so (`rediss://` always means TLS).
+    pub tls: bool,
+    /// PEM root certificates to trust instead of the system's (a private CA).
+    pub tls_ca_file: String,
+    /// A client certificate and its key (PEM) for mutual TLS; both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// ACL user and password; override what the URL's userinfo says.
+    pub username: String,
+    pub password: String,
+    /// The TLS files' contents, read once when the config is loaded.
+    #[serde(skip)]
+    pub tls_files: Option<Arc<RedisTlsFiles>>,
+}
+
+/// What `redis.tls_*_file` hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTlsFiles {
+    pub ca: Option<Vec<u8>>,
+    /// Certificate and key, PEM.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisConfig {
+    /// Reads the TLS files the section names, once, so that a missing file is an error
+    /// at start (and at reload) that names its key.
+    pub fn read_files(&mut self) -> Result<(), ConfigError> {
+        let read = |key: &'static str, path: &str| -> Result<Option<Vec<u8>>, ConfigError> {
+            if path.is_empty() {
+                return Ok(None);
+            }
+            std::fs::read(path)
+                .map(Some)
+                .map_err(|e| invalid(key, format!("{path}: {e}")))
+        };
+        let ca = read("redis.tls_ca_file", &self.tls_ca_file)?;
+        let cert = read("redis.tls_cert_file", &self.tls_cert_file)?;
+        let key = read("redis.tls_key_file", &self.tls_key_file)?;
+        let client = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "redis.tls_key_file",
+                    "required with redis.tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "redis.tls_cert_file",
+                    "required with redis.tls_key_file",
+                ));
+            }
+        };
+        self.tls_files =
+            (ca.is_some() || client.is_some()).then(|| Arc::new(RedisTlsFiles { ca, client }));
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +275,13 @@ impl Default for RedisConfig {
             response_timeout_ms: 1000,
             max_inflight: 1024,
             spin_us: 40,
+            tls: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            username: String::new(),
+            password: String::new(),
+            tls_files: None,
         }
     }
 }
@@ -311,6 +377,7 @@ impl Config {
             })?;
         config.validate()?;
         config.mail.read_files()?;
+        config.redis.read_files()?;
         Ok(config)
     }
 
@@ -466,7 +533,11 @@ impl Config {
 
     /// The effective configuration as TOML, for `satchel check-config`.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let mut shown = self.clone();
+        if !shown.redis.password.is_empty() {
+            shown.redis.password = "<redacted>".into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
 
