@@ -131,7 +131,8 @@ fn a_tracking_connection_hears_of_writes_through_this_daemon_before_they_are_ans
     w.set("tagged", "v1");
     w.set_tagged("tagged", "v1", Some("tg"));
     w.set("p:1", "v1");
-    for k in ["k", "tagged", "p:1", "missing"] {
+    w.set("kd", "v1");
+    for k in ["k", "tagged", "p:1", "missing", "kd"] {
         t.get(k);
         quiet.get(k);
     }
@@ -147,7 +148,7 @@ fn a_tracking_connection_hears_of_writes_through_this_daemon_before_they_are_ans
     assert_eq!(field(&r, "value").as_str(), Some("v2"));
     // del, tag and prefix invalidation, and a miss that is later set.
     let (_, r) = w.call("cache.del", |w| {
-        w.str("keys").array(1).str("k");
+        w.str("keys").array(1).str("kd");
         1
     });
     assert_eq!(field(&r, "deleted").as_u64(), Some(1));
@@ -161,7 +162,7 @@ fn a_tracking_connection_hears_of_writes_through_this_daemon_before_they_are_ans
     });
     w.set("missing", "now here");
     let keys = invalidated(&t.pushes());
-    for k in ["k", "missing", "p:1", "tagged"] {
+    for k in ["kd", "missing", "p:1", "tagged"] {
         assert!(keys.contains(&k.to_owned()), "{k} not in {keys:?}");
     }
     // A connection that never asked gets no push frames at all.
