@@ -16,6 +16,7 @@
 //! with `UNAVAILABLE`, and one background probe reconnects, at most four times a
 //! second, until a PING answers.
 
+pub mod durability;
 pub mod reply;
 pub mod tracking;
 
@@ -93,6 +94,10 @@ pub struct Backend {
     client: redis::Client,
     /// The same server over RESP3, for the tracking connection (pushes).
     resp3: redis::Client,
+    /// What `INFO` said at the last (re)connect ([`durability::Durability`]).
+    durability: arc_swap::ArcSwapOption<durability::Durability>,
+    /// Durability warnings already logged (each once per daemon).
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
     conn: ConnectionManager,
     up: AtomicBool,
     wake_probe: Notify,
@@ -191,6 +196,8 @@ impl Backend {
         Ok(Arc::new(Backend {
             client,
             resp3,
+            durability: arc_swap::ArcSwapOption::empty(),
+            warned: std::sync::Mutex::default(),
             conn,
             up: AtomicBool::new(false),
             wake_probe: Notify::new(),
@@ -380,6 +387,32 @@ impl Backend {
         }
     }
 
+    /// What `INFO` said at the last (re)connect; None before the first.
+    pub fn durability(&self) -> Option<Arc<durability::Durability>> {
+        self.durability.load_full()
+    }
+
+    /// Reads `INFO`, keeps what it says, and logs each new warning once.
+    async fn check_durability(&self) {
+        let info: Result<String, _> = self
+            .query(
+                redis::cmd("INFO")
+                    .arg("persistence")
+                    .arg("memory")
+                    .arg("replication"),
+            )
+            .await;
+        let Ok(info) = info else { return };
+        let d = durability::Durability::from_info(&info);
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        for w in &d.warnings {
+            if warned.insert(w.clone()) {
+                tracing::warn!(url = %self.url, "redis durability: {w}");
+            }
+        }
+        self.durability.store(Some(Arc::new(d)));
+    }
+
     /// One PING; updates the up/down state. Returns whether Redis answered.
     pub async fn probe(&self) -> bool {
         self.ping().await.is_ok()
@@ -436,6 +469,10 @@ impl Backend {
                 logged_down_hint = true;
             }
             if ok {
+                if logged_down_hint || self.durability.load().is_none() {
+                    // Connected or reconnected (possibly to another server): look again.
+                    self.check_durability().await;
+                }
                 logged_down_hint = false;
             }
             let pause = if ok { PROBE_INTERVAL_UP } else { RETRY_AFTER };

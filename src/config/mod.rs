@@ -105,6 +105,9 @@ pub struct RedisConfig {
     /// Microseconds a lone cache command (no other command in flight) busy-polls for
     /// its reply before the runtime thread sleeps; 0 = never.
     pub spin_us: u64,
+    /// Refuse `mail.send` (UNAVAILABLE, with the reason) while `INFO` shows a
+    /// durability warning (eviction, no AOF); the cache keeps working.
+    pub require_durable: bool,
     /// TLS where the URL does not say so (`rediss://` always means TLS).
     pub tls: bool,
     /// PEM root certificates to trust instead of the system's (a private CA).
@@ -275,6 +278,7 @@ impl Default for RedisConfig {
             response_timeout_ms: 1000,
             max_inflight: 1024,
             spin_us: 40,
+            require_durable: false,
             tls: false,
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),

@@ -361,6 +361,16 @@ impl MailService {
         if mc.isolate_by_uid && ctx.peer.uid.is_none() {
             return Err(MailError::NoPeerUid.into());
         }
+        if ctx.config.redis.require_durable
+            && let Some(d) = self.backend.durability()
+            && let Some(why) = d.warnings.first()
+        {
+            return Err(OpError::new(
+                ErrorCode::Unavailable,
+                format!("redis.require_durable is on and Redis is not durable: {why}"),
+            )
+            .with_retry_after(1000));
+        }
         let (draft, built) = self.render(req, message::Limits::of(mc)).await?;
         let send_at = draft.send_at_ms.map_or(0, |ms| ms.max(0) as u64);
         let settings = batch::EnqueueSettings {

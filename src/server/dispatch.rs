@@ -146,6 +146,8 @@ struct Health {
 struct RedisHealth {
     connected: bool,
     latency_us: u64,
+    /// What `INFO` said at the last (re)connect; nil before the first.
+    durability: Option<crate::backend::durability::Durability>,
 }
 
 /// A liveness check that goes all the way to Redis (a PING).
@@ -156,6 +158,7 @@ async fn health(shared: &Shared) -> OpResult {
         redis: RedisHealth {
             connected: true,
             latency_us: started.elapsed().as_micros() as u64,
+            durability: shared.backend.durability().map(|d| (*d).clone()),
         },
     })
 }

@@ -1,0 +1,73 @@
+//! What Redis' `INFO` says about how safe queued mail is there (issue 14's durability
+//! checks). `INFO`, not `CONFIG GET`: managed Redis services block the latter.
+
+use serde::Serialize;
+
+/// `health` → `redis.durability`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Durability {
+    /// `maxmemory_policy`, e.g. `noeviction`.
+    pub eviction_policy: String,
+    /// Whether AOF is on.
+    pub aof: bool,
+    /// Replicas connected to this server.
+    pub replicas: u64,
+    /// Why queued mail may be lost here; empty when nothing is known to be wrong.
+    pub warnings: Vec<String>,
+}
+
+impl Durability {
+    /// Reads the `INFO` text (sections persistence, memory, replication).
+    pub fn from_info(info: &str) -> Durability {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let eviction_policy = field("maxmemory_policy").unwrap_or("unknown").to_owned();
+        let aof = field("aof_enabled") == Some("1");
+        let replicas = field("connected_slaves")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let mut warnings = Vec::new();
+        if eviction_policy != "noeviction" {
+            warnings.push(format!(
+                "maxmemory-policy is {eviction_policy}: Redis may evict queued mail under memory pressure; set it to noeviction"
+            ));
+        }
+        if !aof {
+            // INFO cannot tell whether RDB snapshots are scheduled; without AOF, mail
+            // accepted since the last snapshot (if any) is lost when Redis restarts.
+            warnings.push(
+                "AOF is off (appendonly no): mail accepted since the last RDB snapshot, if any, is lost when Redis restarts; turn on appendonly"
+                    .to_owned(),
+            );
+        }
+        Durability {
+            eviction_policy,
+            aof,
+            replicas,
+            warnings,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_and_no_aof_are_warnings_and_a_safe_server_has_none() {
+        let risky = Durability::from_info(
+            "# Persistence\r\naof_enabled:0\r\n# Memory\r\nmaxmemory_policy:allkeys-lru\r\n# Replication\r\nconnected_slaves:2\r\n",
+        );
+        assert_eq!(risky.eviction_policy, "allkeys-lru");
+        assert!(!risky.aof);
+        assert_eq!(risky.replicas, 2);
+        assert_eq!(risky.warnings.len(), 2, "{:?}", risky.warnings);
+        let safe = Durability::from_info(
+            "aof_enabled:1\nmaxmemory_policy:noeviction\nconnected_slaves:0\n",
+        );
+        assert!(safe.warnings.is_empty(), "{:?}", safe.warnings);
+    }
+}
