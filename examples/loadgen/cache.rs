@@ -183,7 +183,7 @@ struct Target {
 }
 
 /// Near hits and all hits a daemon has counted so far.
-async fn hit_counts(client: &Client) -> (u64, u64) {
+pub async fn hit_counts(client: &Client) -> (u64, u64) {
     let stats = client.stats().await.expect("stats");
     let cache = satchel::client::get(&stats, "cache").expect("cache stats");
     let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);

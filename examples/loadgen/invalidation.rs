@@ -21,11 +21,7 @@ async fn tracking(c: &Client) -> bool {
 }
 
 async fn near_hits(c: &Client) -> u64 {
-    let s = c.stats().await.expect("stats");
-    let near = satchel::client::get(&s, "cache").and_then(|c| satchel::client::get(c, "near"));
-    near.and_then(|n| satchel::client::get(n, "hits"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
+    crate::cache::hit_counts(c).await.0
 }
 
 pub fn run(rounds: usize) {

@@ -533,24 +533,7 @@ impl CacheService {
 
     /// `{hit: true, value, ttl_ms}`, counting the hit (a foreign blob counts as a miss).
     fn hit_or_miss(&self, blob: &[u8]) -> Vec<u8> {
-        match decode_blob(blob) {
-            Some((value, ttl)) => {
-                self.stats.hits.inc();
-                let mut w = Writer::with_capacity(value.len() + 24);
-                w.map(3)
-                    .str("hit")
-                    .bool(true)
-                    .str("value")
-                    .raw(value)
-                    .str("ttl_ms")
-                    .uint(ttl);
-                w.into_vec()
-            }
-            None => {
-                self.stats.misses.inc();
-                miss()
-            }
-        }
+        get_answer(&self.stats, Some(blob), false)
     }
 
     async fn fetch_once(
@@ -866,21 +849,19 @@ fn checked_tags<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>,
     Ok(tags)
 }
 
-/// The answer to `cache.get` for a blob (None: a miss), counting it.
+/// The answer to a read for a blob (None: a miss), counting it: `{hit: true, value,
+/// ttl_ms}`, or `{hit: true, value, stale: true}` for a near entry standing in for an
+/// unavailable Redis (its TTL may be past), or `{hit: false}`.
 fn get_answer(stats: &CacheStats, blob: Option<&[u8]>, stale: bool) -> Vec<u8> {
     let mut w = Writer::with_capacity(blob.map_or(8, |b| b.len() + 32));
     match blob.and_then(decode_blob) {
         Some((value, ttl)) => {
             stats.hits.inc();
-            w.map(3 + stale as u32)
-                .str("hit")
-                .bool(true)
-                .str("value")
-                .raw(value)
-                .str("ttl_ms")
-                .uint(ttl);
+            w.map(3).str("hit").bool(true).str("value").raw(value);
             if stale {
                 w.str("stale").bool(true);
+            } else {
+                w.str("ttl_ms").uint(ttl);
             }
         }
         None => {
@@ -905,21 +886,7 @@ fn stale_allowance(cfg: &CacheConfig, req: &Request) -> Result<Option<Duration>,
 
 /// `{hit: true, value, stale: true}`: a near entry standing in for Redis.
 fn stale_hit(stats: &CacheStats, blob: &[u8]) -> Vec<u8> {
-    match decode_blob(blob) {
-        Some((value, _)) => {
-            stats.hits.inc();
-            let mut w = Writer::with_capacity(value.len() + 24);
-            w.map(3)
-                .str("hit")
-                .bool(true)
-                .str("value")
-                .raw(value)
-                .str("stale")
-                .bool(true);
-            w.into_vec()
-        }
-        None => miss(),
-    }
+    get_answer(stats, Some(blob), true)
 }
 
 fn tracking_answer(on: bool) -> Vec<u8> {

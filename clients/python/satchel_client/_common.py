@@ -246,6 +246,28 @@ class LocalCache:
                 oldest = next(iter(self._entries))
                 self._drop(oldest)
 
+    def split(self, keys: Any) -> tuple:
+        """For an ``mget``: ``(out, ask, epochs)``: the answers held here (None where
+        not), the indexes to ask the daemon for, and their reads begun."""
+        out: list = [None] * len(keys)
+        ask = []
+        for i, k in enumerate(keys):
+            got = self.get(k)
+            if got is not None:
+                out[i] = {"hit": True, "value": got[0], "ttl_ms": got[1]}
+            else:
+                ask.append(i)
+        return out, ask, [self.begin(keys[i]) for i in ask]
+
+    def merge(self, keys: Any, out: list, ask: list, epochs: list, answers: Optional[list]) -> list:
+        """Ends the reads ``split`` began (``answers`` None: the request failed) and
+        fills ``out`` with the daemon's answers."""
+        for j, i in enumerate(ask):
+            e = answers[j] if answers is not None else {}
+            self.finish(keys[i], epochs[j], bool(e.get("hit")) and not e.get("stale"), e.get("value"), e.get("ttl_ms"))
+            out[i] = e
+        return out
+
     def _drop(self, key: str) -> None:
         e = self._entries.pop(key, None)
         if e is not None:

@@ -350,29 +350,15 @@ class AsyncCacheApi:
         local = await self._local()
         if local is None:
             return await self._c.request("cache.mget", keys=list(keys))
-        out: List[Any] = [None] * len(keys)
-        ask = []
-        for i, k in enumerate(keys):
-            got = local.get(k)
-            if got is not None:
-                out[i] = {"hit": True, "value": got[0], "ttl_ms": got[1]}
-            else:
-                ask.append(i)
+        out, ask, epochs = local.split(keys)
         if not ask:
             return out
-        ask_keys = [keys[i] for i in ask]
-        epochs = [local.begin(k) for k in ask_keys]
         try:
-            r = await self._c._call("cache.mget", {"keys": ask_keys})
+            r = await self._c._call("cache.mget", {"keys": [keys[i] for i in ask]})
         except BaseException:
-            for k, e in zip(ask_keys, epochs):
-                local.finish(k, e)
+            local.merge(keys, out, ask, epochs, None)
             raise
-        for j, i in enumerate(ask):
-            e = r[j]
-            local.finish(keys[i], epochs[j], bool(e.get("hit")) and not e.get("stale"), e.get("value"), e.get("ttl_ms"))
-            out[i] = e
-        return out
+        return local.merge(keys, out, ask, epochs, r)
 
     def _forget(self, keys: Sequence[str]) -> None:
         if self._c.local is not None:
