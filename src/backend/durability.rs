@@ -18,7 +18,9 @@ pub struct Durability {
 
 impl Durability {
     /// Reads the `INFO` text (sections persistence, memory, replication).
-    pub fn from_info(info: &str) -> Durability {
+    /// `replicated`: in sentinel (and cluster) mode a server without a replica is a
+    /// warning, since a failover would then have nothing to promote.
+    pub fn from_info(info: &str, replicated: bool) -> Durability {
         let field = |name: &str| {
             info.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -43,6 +45,12 @@ impl Durability {
                     .to_owned(),
             );
         }
+        if replicated && replicas == 0 {
+            warnings.push(
+                "the master has no connected replica: a failover has nothing to promote, and mail.min_replicas_ack cannot be met"
+                    .to_owned(),
+            );
+        }
         Durability {
             eviction_policy,
             aof,
@@ -60,6 +68,7 @@ mod tests {
     fn eviction_and_no_aof_are_warnings_and_a_safe_server_has_none() {
         let risky = Durability::from_info(
             "# Persistence\r\naof_enabled:0\r\n# Memory\r\nmaxmemory_policy:allkeys-lru\r\n# Replication\r\nconnected_slaves:2\r\n",
+            true,
         );
         assert_eq!(risky.eviction_policy, "allkeys-lru");
         assert!(!risky.aof);
@@ -67,7 +76,14 @@ mod tests {
         assert_eq!(risky.warnings.len(), 2, "{:?}", risky.warnings);
         let safe = Durability::from_info(
             "aof_enabled:1\nmaxmemory_policy:noeviction\nconnected_slaves:0\n",
+            false,
         );
         assert!(safe.warnings.is_empty(), "{:?}", safe.warnings);
+        let lonely = Durability::from_info(
+            "aof_enabled:1\nmaxmemory_policy:noeviction\nconnected_slaves:0\n",
+            true,
+        );
+        assert_eq!(lonely.warnings.len(), 1, "{:?}", lonely.warnings);
+        assert!(lonely.warnings[0].contains("no connected replica"));
     }
 }

@@ -16,8 +16,10 @@
 //! with `UNAVAILABLE`, and one background probe reconnects, at most four times a
 //! second, until a PING answers.
 
+mod acked;
 pub mod durability;
 pub mod reply;
+mod sentinel;
 pub mod tracking;
 
 use std::sync::Arc;
@@ -29,11 +31,13 @@ use futures::stream::BoxStream;
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
-use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, ScriptInvocation};
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, ScriptInvocation, Value,
+};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode};
 use crate::protocol::{ErrorCode, OpError};
 
 /// How long a client should wait before retrying while Redis is down; also the probe
@@ -89,19 +93,39 @@ impl From<BackendError> for OpError {
     }
 }
 
-/// Shared by every connection task and service; cheap to clone through `Arc`.
-pub struct Backend {
+/// The server commands go to, and the clients for it. Replaced as a whole when
+/// Sentinel names a new master, so a command never mixes old and new.
+struct Node {
+    /// `host:port` (or the URL in single-server mode), for logs.
+    addr: String,
+    /// Counts replacements; connections made for an older node are dropped.
+    generation: u64,
     client: redis::Client,
     /// The same server over RESP3, for the tracking connection (pushes).
     resp3: redis::Client,
+    /// The shared connection (cache ops, mail scripts).
+    conn: ConnectionManager,
+}
+
+/// Shared by every connection task and service; cheap to clone through `Arc`.
+pub struct Backend {
+    cfg: RedisConfig,
+    /// None in sentinel mode until the sentinels first named a master.
+    node: arc_swap::ArcSwapOption<Node>,
+    /// Sentinel mode: where to ask for the master.
+    sentinels: Option<sentinel::Sentinels>,
+    /// A reason to ask the sentinels again before the next probe.
+    resolve: AtomicBool,
+    /// Bumped on every node replacement, for connections of their own to notice.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// The connection `mail.send` writes on when it waits for replicas (`WAIT`).
+    acked: acked::AckLane,
     /// What `INFO` said at the last (re)connect ([`durability::Durability`]).
     durability: arc_swap::ArcSwapOption<durability::Durability>,
     /// Durability warnings already logged (each once per daemon).
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
-    conn: ConnectionManager,
     up: AtomicBool,
     wake_probe: Notify,
-    url: String,
     prefix: String,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -114,20 +138,27 @@ pub struct Backend {
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend")
-            .field("url", &self.url)
+            .field("url", &self.url())
             .field("up", &self.is_up())
             .finish()
     }
 }
 
-/// The URL, with `redis.tls`, `redis.username` and `redis.password` applied, and
-/// TCP_NODELAY on.
-fn connection_info(cfg: &RedisConfig) -> Result<redis::ConnectionInfo, BackendError> {
+/// The URL (or, from Sentinel, `addr`), with `redis.tls`, `redis.username` and
+/// `redis.password` applied, and TCP_NODELAY on.
+fn connection_info(
+    cfg: &RedisConfig,
+    addr: Option<(String, u16)>,
+) -> Result<redis::ConnectionInfo, BackendError> {
     let info = cfg
         .url
         .as_str()
         .into_connection_info()
         .map_err(BackendError::Redis)?;
+    let info = match addr {
+        Some((host, port)) => info.set_addr(redis::ConnectionAddr::Tcp(host, port)),
+        None => info,
+    };
     let info = match (cfg.tls, info.addr().clone()) {
         (true, redis::ConnectionAddr::Tcp(host, port)) => {
             info.set_addr(redis::ConnectionAddr::TcpTls {
@@ -175,11 +206,18 @@ fn open_client(
     .map_err(BackendError::Redis)
 }
 
-impl Backend {
-    /// Creates the handle without connecting; call [`Backend::probe`] or run
-    /// [`Backend::run_health`] to connect.
-    pub fn new(cfg: &RedisConfig) -> Result<Arc<Backend>, BackendError> {
-        let info = connection_info(cfg)?;
+impl Node {
+    /// Clients for the server at `addr` (or the URL's), and a lazy shared connection.
+    fn open(
+        cfg: &RedisConfig,
+        addr: Option<(String, u16)>,
+        generation: u64,
+    ) -> Result<Node, BackendError> {
+        let shown = match &addr {
+            Some((host, port)) => format!("{host}:{port}"),
+            None => cfg.url.clone(),
+        };
+        let info = connection_info(cfg, addr)?;
         let resp3_settings = info
             .redis_settings()
             .clone()
@@ -193,15 +231,39 @@ impl Backend {
             .set_number_of_retries(0);
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(BackendError::Redis)?;
-        Ok(Arc::new(Backend {
+        Ok(Node {
+            addr: shown,
+            generation,
             client,
             resp3,
+            conn,
+        })
+    }
+}
+
+impl Backend {
+    /// Creates the handle without connecting; call [`Backend::probe`] or run
+    /// [`Backend::run_health`] to connect.
+    pub fn new(cfg: &RedisConfig) -> Result<Arc<Backend>, BackendError> {
+        let (node, sentinels) = match cfg.mode() {
+            RedisMode::Single => (Some(Arc::new(Node::open(cfg, None, 0)?)), None),
+            RedisMode::Sentinel { nodes, master } => {
+                let s =
+                    sentinel::Sentinels::new(cfg, &nodes, &master).map_err(BackendError::Redis)?;
+                (None, Some(s))
+            }
+        };
+        Ok(Arc::new(Backend {
+            cfg: cfg.clone(),
+            node: arc_swap::ArcSwapOption::new(node),
+            resolve: AtomicBool::new(sentinels.is_some()),
+            sentinels,
+            generation: tokio::sync::watch::Sender::new(0),
+            acked: acked::AckLane::default(),
             durability: arc_swap::ArcSwapOption::empty(),
             warned: std::sync::Mutex::default(),
-            conn,
             up: AtomicBool::new(false),
             wake_probe: Notify::new(),
-            url: cfg.url.clone(),
             prefix: cfg.prefix.clone(),
             connect_timeout: cfg.connect_timeout(),
             response_timeout: cfg.response_timeout(),
@@ -215,8 +277,19 @@ impl Backend {
         self.up.load(Ordering::Relaxed)
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
+    /// What the daemon talks to: the URL, or the sentinel master and where it is now.
+    pub fn url(&self) -> String {
+        match (&self.sentinels, self.node.load().as_deref()) {
+            (None, _) => self.cfg.url.clone(),
+            (Some(s), Some(n)) => format!("sentinel:{} at {}", s.master_name(), n.addr),
+            (Some(s), None) => format!("sentinel:{} (not found yet)", s.master_name()),
+        }
+    }
+
+    /// Whether the daemon runs against sentinels or a cluster (where a server with no
+    /// replica is a durability warning).
+    pub fn replicated_mode(&self) -> bool {
+        self.sentinels.is_some()
     }
 
     /// The configured key prefix (without the trailing `:`).
@@ -231,9 +304,27 @@ impl Backend {
         } else {
             Err(BackendError::Unavailable(format!(
                 "no connection to {}; reconnecting",
-                self.url
+                self.url()
             )))
         }
+    }
+
+    /// The current node, or UNAVAILABLE while none is known.
+    fn node(&self) -> Result<Arc<Node>, BackendError> {
+        self.node.load_full().ok_or_else(|| {
+            BackendError::Unavailable(format!("{}: no master known yet", self.url()))
+        })
+    }
+
+    /// The generation of the current node (see [`Backend::node_changed`]).
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Resolves when the node has been replaced after `generation`.
+    pub async fn node_changed(&self, generation: u64) {
+        let mut rx = self.generation.subscribe();
+        let _ = rx.wait_for(|g| *g != generation).await;
     }
 
     /// Runs one command.
@@ -283,6 +374,66 @@ impl Backend {
             .await
     }
 
+    /// Runs one Lua script that writes, then waits (Redis `WAIT`, at most `timeout`)
+    /// until `replicas` replicas have the write; answers the reply and how many
+    /// replicas acknowledged it. A failed or unanswered `WAIT` is 0 acknowledgements
+    /// (the write itself happened).
+    pub async fn invoke_acked<T: FromRedisValue>(
+        &self,
+        script: &ScriptInvocation<'_>,
+        replicas: u64,
+        timeout: Duration,
+    ) -> Result<(T, u64), BackendError> {
+        self.ensure_up()?;
+        let node = self.node()?;
+        let lane = self
+            .acked
+            .get(node.generation, || async {
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    // Each command below has its own deadline.
+                    .set_response_timeout(None);
+                node.client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+            })
+            .await
+            .map_err(|e| self.classify(e))?;
+        let response_timeout = self.response_timeout;
+        let reply = self
+            .run_on(lane.conn.clone(), |mut c| async move {
+                tokio::time::timeout(response_timeout, script.invoke_async(&mut c))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(redis::RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the script went unanswered",
+                        )))
+                    })
+            })
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                self.acked.drop_lane(&lane).await;
+                return Err(e);
+            }
+        };
+        let ticket = lane.wrote();
+        let acked = match lane
+            .replicas(ticket, replicas, timeout, timeout + response_timeout)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "WAIT for replicas failed; counted as none");
+                self.acked.drop_lane(&lane).await;
+                0
+            }
+        };
+        Ok((reply, acked))
+    }
+
     /// Runs a pipeline of commands in one round trip.
     pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, BackendError> {
         self.run(|mut c| async move { pipe.query_async(&mut c).await })
@@ -296,7 +447,8 @@ impl Backend {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.run_on(self.conn.clone(), call).await
+        let conn = self.node()?.conn.clone();
+        self.run_on(conn, call).await
     }
 
     async fn run_on<C, T, F, Fut>(&self, conn: C, call: F) -> Result<T, BackendError>
@@ -330,13 +482,15 @@ impl Backend {
         let conn_cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(None);
-        let conn = self
+        let node = self.node()?;
+        let conn = node
             .client
             .get_multiplexed_async_connection_with_config(&conn_cfg)
             .await
             .map_err(|e| self.classify(e))?;
         Ok(Dedicated {
             conn,
+            generation: node.generation,
             backend: self.clone(),
         })
     }
@@ -347,8 +501,9 @@ impl Backend {
         &self,
         channel: &str,
     ) -> Result<BoxStream<'static, Vec<u8>>, BackendError> {
+        let node = self.node()?;
         let subscribed = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = node.client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
@@ -356,9 +511,15 @@ impl Backend {
             .await
             .map_err(|_| BackendError::Timeout(self.connect_timeout * 2))?
             .map_err(|e| self.classify(e))?;
+        // A subscription to a former master ends, so the caller subscribes again.
+        let mut rx = self.generation.subscribe();
+        let moved = async move {
+            let _ = rx.wait_for(|g| *g != node.generation).await;
+        };
         Ok(pubsub
             .into_on_message()
             .map(|msg| msg.get_payload_bytes().to_vec())
+            .take_until(moved)
             .boxed())
     }
 
@@ -374,7 +535,16 @@ impl Backend {
             || e.is_unrecoverable_error()
         {
             self.mark_down(&e);
+            self.resolve_again();
             BackendError::Unavailable(e.to_string())
+        } else if e.code() == Some("READONLY") {
+            // A former master, demoted to replica by a failover.
+            self.mark_down(&e);
+            self.resolve_again();
+            BackendError::Unavailable(format!(
+                "{} is a replica now (READONLY); following the new master",
+                self.url()
+            ))
         } else {
             BackendError::Redis(e)
         }
@@ -382,9 +552,40 @@ impl Backend {
 
     fn mark_down(&self, e: &redis::RedisError) {
         if self.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(url = %self.url, error = %e, "lost the connection to redis; requests get UNAVAILABLE until it is back");
+            tracing::warn!(url = %self.url(), error = %e, "lost the connection to redis; requests get UNAVAILABLE until it is back");
             self.wake_probe.notify_one();
         }
+    }
+
+    /// In sentinel mode, asks the sentinels again before the next probe.
+    fn resolve_again(&self) {
+        if self.sentinels.is_some() && !self.resolve.swap(true, Ordering::Relaxed) {
+            self.wake_probe.notify_one();
+        }
+    }
+
+    /// Asks the sentinels for the master and, if it moved, swaps in a node for it.
+    async fn follow_master(&self, sentinels: &sentinel::Sentinels) -> Result<(), String> {
+        let (host, port) = sentinels.master().await?;
+        let addr = format!("{host}:{port}");
+        let current = self.node.load_full();
+        if current.as_ref().is_some_and(|n| n.addr == addr) {
+            return Ok(());
+        }
+        let generation = self.generation() + 1;
+        let node =
+            Node::open(&self.cfg, Some((host, port)), generation).map_err(|e| e.to_string())?;
+        match &current {
+            Some(old) => {
+                tracing::warn!(master = sentinels.master_name(), from = %old.addr, to = %addr, "redis master moved; following it")
+            }
+            None => {
+                tracing::info!(master = sentinels.master_name(), at = %addr, "sentinels named the redis master")
+            }
+        }
+        self.node.store(Some(Arc::new(node)));
+        self.generation.send_replace(generation);
+        Ok(())
     }
 
     /// What `INFO` said at the last (re)connect; None before the first.
@@ -403,11 +604,11 @@ impl Backend {
             )
             .await;
         let Ok(info) = info else { return };
-        let d = durability::Durability::from_info(&info);
+        let d = durability::Durability::from_info(&info, self.replicated_mode());
         let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
         for w in &d.warnings {
             if warned.insert(w.clone()) {
-                tracing::warn!(url = %self.url, "redis durability: {w}");
+                tracing::warn!(url = %self.url(), "redis durability: {w}");
             }
         }
         self.durability.store(Some(Arc::new(d)));
@@ -418,33 +619,89 @@ impl Backend {
         self.ping().await.is_ok()
     }
 
-    /// As [`Backend::probe`], with the reason when Redis did not answer.
-    async fn ping(&self) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn.clone();
+    /// As [`Backend::probe`], with the reason when Redis did not answer. In sentinel
+    /// mode it first asks the sentinels where the master is, when there is a reason
+    /// to, and probes with `ROLE` instead of `PING`, so that a master demoted by a
+    /// failover nobody told us about is noticed within a probe interval.
+    async fn ping(&self) -> Result<(), String> {
         let started = Instant::now();
-        let result: Result<String, _> = tokio::time::timeout(
-            self.response_timeout,
-            redis::cmd("PING").query_async(&mut conn),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "PING timed out",
-            )))
-        });
-        match result {
-            Ok(_) => {
+        let result = self.ping_node().await;
+        match &result {
+            Ok(()) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
-                    tracing::info!(url = %self.url, latency_us = started.elapsed().as_micros() as u64, "connected to redis");
+                    tracing::info!(url = %self.url(), latency_us = started.elapsed().as_micros() as u64, "connected to redis");
                 }
-                Ok(())
             }
             Err(e) => {
+                self.resolve_again();
                 if self.up.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(url = %self.url, error = %e, "redis stopped answering");
+                    tracing::warn!(url = %self.url(), error = %e, "redis stopped answering");
                 }
-                Err(e)
+            }
+        }
+        result
+    }
+
+    async fn ping_node(&self) -> Result<(), String> {
+        if let Some(sentinels) = &self.sentinels
+            && self.resolve.swap(false, Ordering::Relaxed)
+        {
+            self.follow_master(sentinels).await?;
+        }
+        let node = self.node().map_err(|e| e.to_string())?;
+        let mut conn = node.conn.clone();
+        let check = async {
+            if self.sentinels.is_none() {
+                let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+                return Ok(None);
+            }
+            let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(match role.first() {
+                Some(Value::BulkString(r)) if r == b"master" => None,
+                Some(Value::BulkString(r)) => Some(String::from_utf8_lossy(r).into_owned()),
+                other => Some(format!("{other:?}")),
+            })
+        };
+        match tokio::time::timeout(self.response_timeout, check).await {
+            Err(_) => Err(format!("no answer within {:?}", self.response_timeout)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(Some(role))) => Err(format!(
+                "{} is no longer the master (role: {role})",
+                node.addr
+            )),
+            Ok(Ok(None)) => Ok(()),
+        }
+    }
+
+    /// Sentinel mode: listens for `+switch-master` until shutdown, so a failover is
+    /// followed as soon as a sentinel announces it (not only when a command fails).
+    async fn follow_announcements(&self, shutdown: &CancellationToken) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        loop {
+            let events = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = sentinels.events() => e,
+            };
+            if let Ok(mut events) = events {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        e = events.next() => match e {
+                            Some(()) => {
+                                tracing::info!(master = sentinels.master_name(), "a sentinel announced +switch-master");
+                                self.resolve.store(true, Ordering::Relaxed);
+                                self.wake_probe.notify_one();
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY_AFTER) => {}
             }
         }
     }
@@ -452,25 +709,41 @@ impl Backend {
     /// Probes Redis until shutdown: every 250 ms while down, every second while up,
     /// and at once when a request saw the connection fail.
     pub async fn run_health(self: Arc<Self>, shutdown: CancellationToken) {
+        tokio::join!(
+            self.probe_loop(&shutdown),
+            self.follow_announcements(&shutdown)
+        );
+    }
+
+    async fn probe_loop(&self, shutdown: &CancellationToken) {
         let mut logged_down_hint = false;
+        // The node generation `INFO` was last read for.
+        let mut checked: Option<u64> = None;
         loop {
+            let was_up = self.is_up();
             let outcome = self.ping().await;
             let ok = outcome.is_ok();
             if let (Err(e), false) = (&outcome, logged_down_hint) {
+                let hint = if self.sentinels.is_some() {
+                    "check redis.sentinel_nodes and redis.sentinel_master"
+                } else {
+                    "Start one with `redis-server --port 6379` (Debian/Ubuntu: `sudo apt-get install redis-server`) \
+                     or point SATCHEL_REDIS_URL / [redis] url at yours"
+                };
                 tracing::error!(
-                    url = %self.url,
+                    url = %self.url(),
                     error = %e,
-                    "cannot reach redis at {}; satchel keeps running and retries every {} ms. \
-                     Start one with `redis-server --port 6379` (Debian/Ubuntu: `sudo apt-get install redis-server`) \
-                     or point SATCHEL_REDIS_URL / [redis] url at yours",
-                    self.url,
+                    "cannot reach redis at {}; satchel keeps running and retries every {} ms. {hint}",
+                    self.url(),
                     RETRY_AFTER.as_millis()
                 );
                 logged_down_hint = true;
             }
             if ok {
-                if logged_down_hint || self.durability.load().is_none() {
-                    // Connected or reconnected (possibly to another server): look again.
+                // Connected, reconnected (a request may have seen the loss first) or
+                // moved to another master: look again.
+                if !was_up || logged_down_hint || checked != Some(self.generation()) {
+                    checked = Some(self.generation());
                     self.check_durability().await;
                 }
                 logged_down_hint = false;
@@ -489,11 +762,19 @@ impl Backend {
 /// classified like every other, so a worker that sees Redis die marks it down.
 pub struct Dedicated {
     conn: MultiplexedConnection,
+    /// The node it was made for: after a failover it refuses, so its owner makes a
+    /// new one to the new master.
+    generation: u64,
     backend: Arc<Backend>,
 }
 
 impl Dedicated {
     pub async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, BackendError> {
+        if self.generation != self.backend.generation() {
+            return Err(BackendError::Unavailable(
+                "the redis master moved; reconnecting".into(),
+            ));
+        }
         cmd.query_async(&mut self.conn)
             .await
             .map_err(|e| self.backend.classify(e))

@@ -54,6 +54,8 @@ pub trait InvalidationSink: Send + Sync + 'static {
 struct Live {
     conn: MultiplexedConnection,
     alive: Arc<AtomicBool>,
+    /// The backend node it tracks; a failover to another master ends it.
+    generation: u64,
 }
 
 /// The tracking side of the backend. One per daemon, when the near-cache is on.
@@ -103,7 +105,7 @@ impl Tracking {
                 self.live.store(Some(live.clone()));
                 self.sink.tracking_on();
                 tracing::info!("near-cache tracking is on");
-                let why = self.heartbeat(&live, &shutdown).await;
+                let why = self.heartbeat(&backend, &live, &shutdown).await;
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -147,8 +149,9 @@ impl Tracking {
             .set_connection_timeout(Some(backend.connect_timeout))
             .set_response_timeout(Some(backend.response_timeout))
             .set_push_sender(on_push);
-        let client = backend.resp3.clone();
-        let mut conn = client
+        let node = backend.node()?;
+        let mut conn = node
+            .resp3
             .get_multiplexed_async_connection_with_config(&conn_cfg)
             .await
             .map_err(|e| backend.classify(e))?;
@@ -158,15 +161,25 @@ impl Tracking {
             .query_async(&mut conn)
             .await
             .map_err(|e| backend.classify(e))?;
-        Ok(Live { conn, alive })
+        Ok(Live {
+            conn,
+            alive,
+            generation: node.generation,
+        })
     }
 
     /// Pings until a ping fails or times out; returns why.
-    async fn heartbeat(&self, live: &Live, shutdown: &CancellationToken) -> &'static str {
+    async fn heartbeat(
+        &self,
+        backend: &Backend,
+        live: &Live,
+        shutdown: &CancellationToken,
+    ) -> &'static str {
         let mut conn = live.conn.clone();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return "shutdown",
+                _ = backend.node_changed(live.generation) => return "the redis master moved",
                 _ = tokio::time::sleep(HEARTBEAT) => {}
             }
             if !live.alive.load(Ordering::Acquire) {

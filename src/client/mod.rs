@@ -636,6 +636,9 @@ pub struct Queued {
     /// `queued` or `scheduled` for a new mail; the first mail's status for a duplicate.
     pub status: String,
     pub duplicate: bool,
+    /// Replicas that acknowledged the mail, when the daemon has
+    /// `mail.min_replicas_ack` set.
+    pub replicas: Option<u64>,
 }
 
 fn strings(items: &[String]) -> Value {
@@ -718,6 +721,7 @@ impl Client {
             duplicate: get(&r, "duplicate")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            replicas: get(&r, "replicas").and_then(Value::as_u64),
         })
     }
 

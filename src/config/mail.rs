@@ -70,6 +70,11 @@ pub struct MailConfig {
     pub isolate_by_uid: bool,
     /// Uids that see and steer every app's mail (the operator's CLI).
     pub admin_uids: Vec<u32>,
+    /// Replicas that must hold a mail before `mail.send` answers (Redis `WAIT`);
+    /// 0 = do not wait. Fewer within the timeout is still `ok`, but counted.
+    pub min_replicas_ack: u64,
+    /// How long `mail.send` waits for `min_replicas_ack` replicas.
+    pub replica_ack_timeout_ms: u64,
 }
 
 /// `smtp_url` in the file and the environment is a string, `""` meaning none.
@@ -121,6 +126,8 @@ impl Default for MailConfig {
             on_redis_down: OnRedisDown::Error,
             isolate_by_uid: false,
             admin_uids: vec![0],
+            min_replicas_ack: 0,
+            replica_ack_timeout_ms: 200,
         }
     }
 }
@@ -193,6 +200,15 @@ impl MailConfig {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if self.replica_ack_timeout_ms == 0 || self.replica_ack_timeout_ms > 10_000 {
+            return Err(invalid(
+                "replica_ack_timeout_ms",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.min_replicas_ack > 64 {
+            return Err(invalid("min_replicas_ack", "must be at most 64"));
+        }
         if self.concurrency > 4096 {
             return Err(invalid("concurrency", "must be at most 4096"));
         }
@@ -220,6 +236,15 @@ impl MailConfig {
     }
     pub fn smtp_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.smtp_connect_timeout_ms)
+    }
+    /// `Some((replicas, timeout))` when `mail.send` waits for replicas.
+    pub fn replica_ack(&self) -> Option<(u64, Duration)> {
+        (self.min_replicas_ack > 0).then(|| {
+            (
+                self.min_replicas_ack,
+                Duration::from_millis(self.replica_ack_timeout_ms),
+            )
+        })
     }
     pub fn smtp_command_timeout(&self) -> Duration {
         Duration::from_millis(self.smtp_command_timeout_ms)

@@ -118,6 +118,10 @@ pub struct RedisConfig {
     /// ACL user and password; override what the URL's userinfo says.
     pub username: String,
     pub password: String,
+    /// Sentinel mode: the sentinels to ask (`host:port`) for the master named
+    /// `sentinel_master`; the daemon follows failovers by itself.
+    pub sentinel_nodes: Vec<String>,
+    pub sentinel_master: String,
     /// The TLS files' contents, read once when the config is loaded.
     #[serde(skip)]
     pub tls_files: Option<Arc<RedisTlsFiles>>,
@@ -131,7 +135,66 @@ pub struct RedisTlsFiles {
     pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Which shape of Redis the daemon talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server, `redis.url`.
+    Single,
+    /// A master found through sentinels, followed across failovers.
+    Sentinel { nodes: Vec<String>, master: String },
+}
+
 impl RedisConfig {
+    pub fn mode(&self) -> RedisMode {
+        if self.sentinel_nodes.is_empty() {
+            RedisMode::Single
+        } else {
+            RedisMode::Sentinel {
+                nodes: self.sentinel_nodes.clone(),
+                master: self.sentinel_master.clone(),
+            }
+        }
+    }
+
+    /// One mode at a time, each complete.
+    fn validate_mode(&self) -> Result<(), ConfigError> {
+        if self.sentinel_nodes.is_empty() {
+            if !self.sentinel_master.is_empty() {
+                return Err(invalid(
+                    "redis.sentinel_nodes",
+                    "required with redis.sentinel_master (the sentinels to ask for it)",
+                ));
+            }
+            return Ok(());
+        }
+        if self.sentinel_master.is_empty() {
+            return Err(invalid(
+                "redis.sentinel_master",
+                "required with redis.sentinel_nodes (the name the sentinels monitor)",
+            ));
+        }
+        if self.url != DEFAULT_REDIS_URL {
+            return Err(invalid(
+                "redis.url",
+                "choose one: redis.url (one server) or redis.sentinel_nodes (the sentinels \
+                 name the server); remove redis.url / SATCHEL_REDIS_URL, and use redis.tls, \
+                 redis.username and redis.password for what the URL said",
+            ));
+        }
+        for node in &self.sentinel_nodes {
+            let ok = node
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(invalid(
+                    "redis.sentinel_nodes",
+                    format!("{node:?} is not host:port"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the TLS files the section names, once, so that a missing file is an error
     /// at start (and at reload) that names its key.
     pub fn read_files(&mut self) -> Result<(), ConfigError> {
@@ -269,10 +332,13 @@ impl Default for ServerConfig {
     }
 }
 
+/// `redis.url` when nothing sets it.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
-            url: "redis://127.0.0.1:6379".into(),
+            url: DEFAULT_REDIS_URL.into(),
             prefix: "satchel".into(),
             connect_timeout_ms: 1000,
             response_timeout_ms: 1000,
@@ -285,6 +351,8 @@ impl Default for RedisConfig {
             tls_key_file: String::new(),
             username: String::new(),
             password: String::new(),
+            sentinel_nodes: Vec::new(),
+            sentinel_master: String::new(),
             tls_files: None,
         }
     }
@@ -439,6 +507,7 @@ impl Config {
         if let Err(e) = redis::Client::open(r.url.as_str()) {
             return Err(invalid("redis.url", format!("{e}")));
         }
+        r.validate_mode()?;
         if r.prefix.is_empty() || r.prefix.contains(char::is_whitespace) {
             return Err(invalid(
                 "redis.prefix",
@@ -660,6 +729,60 @@ mod tests {
         assert_eq!(c.server.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.server.allow_uids, vec![1000, 1001]);
         assert_eq!(c.redis.url, "redis+unix:///tmp/r.sock");
+    }
+
+    #[test]
+    fn sentinel_mode_is_complete_and_exclusive() {
+        let c = load_str(
+            "[redis]\nsentinel_nodes = [\"10.0.0.1:26379\", \"s2:26379\"]\nsentinel_master = \"m\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.mode(),
+            RedisMode::Sentinel {
+                nodes: vec!["10.0.0.1:26379".into(), "s2:26379".into()],
+                master: "m".into()
+            }
+        );
+        let from_env = load_str(
+            "",
+            &[
+                ("SATCHEL_REDIS_SENTINEL_NODES", "a:1,b:2"),
+                ("SATCHEL_REDIS_SENTINEL_MASTER", "m"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(from_env.redis.sentinel_nodes, vec!["a:1", "b:2"]);
+        let both = load_str(
+            "[redis]\nurl = \"redis://h:6380\"\nsentinel_nodes = [\"s:26379\"]\nsentinel_master = \"m\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains("redis.url") && both.contains("choose one"),
+            "{both}"
+        );
+        let no_name = load_str("[redis]\nsentinel_nodes = [\"s:26379\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(no_name.contains("redis.sentinel_master"), "{no_name}");
+        let no_nodes = load_str("[redis]\nsentinel_master = \"m\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(no_nodes.contains("redis.sentinel_nodes"), "{no_nodes}");
+        let bad = load_str(
+            "[redis]\nsentinel_nodes = [\"nope\"]\nsentinel_master = \"m\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("not host:port"), "{bad}");
+        let ack = load_str("[mail]\nreplica_ack_timeout_ms = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(ack.contains("mail.replica_ack_timeout_ms"), "{ack}");
     }
 
     #[test]

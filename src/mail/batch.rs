@@ -47,6 +47,8 @@ struct State {
 pub struct EnqueueSettings {
     pub idem_ttl_ms: u64,
     pub retention_ms: u64,
+    /// `mail.min_replicas_ack` and its timeout, when set.
+    pub ack: Option<(u64, std::time::Duration)>,
 }
 
 /// Collects `mail.send`s and enqueues them in batches.
@@ -130,7 +132,13 @@ impl Enqueuer {
             let (mails, replies): (Vec<NewMail>, Vec<_>) =
                 batch.into_iter().map(|j| (j.mail, j.reply)).unzip();
             let result = queue
-                .enqueue(backend, &mails, settings.idem_ttl_ms, settings.retention_ms)
+                .enqueue(
+                    backend,
+                    &mails,
+                    settings.idem_ttl_ms,
+                    settings.retention_ms,
+                    settings.ack,
+                )
                 .await;
             match result {
                 Ok(answers) => {

@@ -134,6 +134,10 @@ pub struct MailCounters {
     pub queue_depth: AtomicU64,
     /// Mails sent per second by this daemon over the last seconds, ×1000.
     pub rate_milli: AtomicU64,
+    /// `mail.send`s answered with fewer replicas than `mail.min_replicas_ack`.
+    pub under_replicated: Counter,
+    /// When an under-replicated send was last logged (unix ms; one line per 10 s).
+    under_replicated_logged_ms: AtomicU64,
 }
 
 /// The mail service: its ops, and the delivery workers it starts.
@@ -183,6 +187,28 @@ impl MailService {
             backend,
             config: config.clone(),
         }))
+    }
+
+    /// Counts a send that fewer replicas than asked acknowledged, and logs it (at
+    /// most once per 10 s: while a replica is gone, every send is one).
+    fn under_replicated(&self, mail_id: &str, acked: u64, want: u64) {
+        let c = &self.counters;
+        c.under_replicated.inc();
+        let now = crate::host::now_ms();
+        let last = c.under_replicated_logged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && c.under_replicated_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %mail_id,
+                acked,
+                want,
+                total = c.under_replicated.get(),
+                "mail queued but fewer replicas than mail.min_replicas_ack acknowledged it"
+            );
+        }
     }
 
     /// Routes one `mail.*` request.
@@ -243,6 +269,9 @@ struct SendResult {
     mail_id: String,
     status: MailStatus,
     duplicate: bool,
+    /// Replicas holding the mail, when `mail.min_replicas_ack` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -376,6 +405,7 @@ impl MailService {
         let settings = batch::EnqueueSettings {
             idem_ttl_ms: mc.idempotency_ttl_ms,
             retention_ms: mc.status_retention_ms,
+            ack: mc.replica_ack(),
         };
         let enqueued = match self.backend.ensure_up() {
             // Known down: fail (or send directly) at once, without waiting for a batch.
@@ -413,11 +443,19 @@ impl MailService {
             }
         };
         match enqueued {
-            Ok(e) => encode(&SendResult {
-                mail_id: e.mail_id,
-                status: e.status,
-                duplicate: e.duplicate,
-            }),
+            Ok(e) => {
+                if let (Some(n), Some((want, _))) = (e.replicas, mc.replica_ack())
+                    && n < want
+                {
+                    self.under_replicated(&e.mail_id, n, want);
+                }
+                encode(&SendResult {
+                    mail_id: e.mail_id,
+                    status: e.status,
+                    duplicate: e.duplicate,
+                    replicas: e.replicas,
+                })
+            }
             // Only when Redis is certainly unreachable: after a timeout the mail may be
             // queued already, and a direct send could deliver it twice.
             Err((BackendError::Unavailable(why), Some(built)))
@@ -432,6 +470,7 @@ impl MailService {
                     mail_id: built.mail_id,
                     status: MailStatus::Sent,
                     duplicate: false,
+                    replicas: None,
                 })
             }
             Err((e, _)) => Err(e.into()),
@@ -535,6 +574,7 @@ impl MailService {
             Sample::counter("mail.local_retried", c.retried.get()),
             Sample::counter("mail.local_dead", c.dead.get()),
             Sample::counter("mail.local_reclaimed", c.reclaimed.get()),
+            Sample::counter("mail.under_replicated", c.under_replicated.get()),
             Sample::gauge(
                 "mail.delivery_rate",
                 c.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0,

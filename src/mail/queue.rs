@@ -26,6 +26,8 @@
 //! when scheduled mail is due. Every Redis call of the mail side is a method here;
 //! the worker and the ops only call these.
 
+use std::time::Duration;
+
 use redis::{Script, Value};
 
 use super::status::MailStatus;
@@ -357,6 +359,8 @@ pub struct Enqueued {
     pub mail_id: String,
     pub status: MailStatus,
     pub duplicate: bool,
+    /// Replicas that acknowledged the write, when it waited for them.
+    pub replicas: Option<u64>,
 }
 
 /// What `begin` decided for a stream entry.
@@ -576,12 +580,14 @@ impl Queue {
     }
 
     /// Enqueues `mails` in one script run; the answers come in the same order.
+    /// With `ack = Some((replicas, timeout))` it then waits for that many replicas.
     pub async fn enqueue(
         &self,
         backend: &Backend,
         mails: &[NewMail],
         idem_ttl_ms: u64,
         retention_ms: u64,
+        ack: Option<(u64, Duration)>,
     ) -> Result<Vec<Enqueued>, BackendError> {
         let mut inv = self.enqueue.prepare_invoke();
         inv.key(&self.stream)
@@ -606,7 +612,13 @@ impl Queue {
                 .arg(if body { "1" } else { "" })
                 .arg(m.owner.map(|u| u.to_string()).unwrap_or_default());
         }
-        let v: Value = backend.invoke(&inv).await?;
+        let (v, replicas): (Value, _) = match ack {
+            None => (backend.invoke(&inv).await?, None),
+            Some((want, timeout)) => {
+                let (v, n) = backend.invoke_acked(&inv, want, timeout).await?;
+                (v, Some(n))
+            }
+        };
         match &v {
             Value::Array(items) if items.len() == 3 * mails.len() => items
                 .chunks(3)
@@ -616,6 +628,7 @@ impl Queue {
                         status: status_of(it.get(1))
                             .ok_or_else(|| BackendError::reply("enqueue status", &it[1]))?,
                         duplicate: uint(&it[2]) == Some(1),
+                        replicas,
                     })
                 })
                 .collect(),

@@ -14,6 +14,9 @@ use bytes::Bytes;
 use satchel::Client;
 use satchel::protocol::msgpack::Writer;
 
+pub mod near;
+pub mod topology;
+
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
 pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
@@ -46,7 +49,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("local addr").port()
 }
@@ -177,7 +180,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn redis_ping(port: u16) -> bool {
+pub(crate) fn redis_ping(port: u16) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
