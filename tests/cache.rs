@@ -161,7 +161,7 @@ async fn entries_expire_after_their_ttl_and_report_it() {
         .unwrap();
     assert!(field(&r, "ttl_ms").as_u64().unwrap() > 3_500_000);
     let pttl: i64 = redis::cmd("PTTL")
-        .arg("satchel:c:s:v:long")
+        .arg("satchel:c:s:v:{long}")
         .query(&mut redis.conn())
         .unwrap();
     assert!(pttl > 3_500_000, "redis enforces the ttl: {pttl}");
@@ -313,7 +313,7 @@ async fn tag_invalidation_removes_exactly_the_tagged_keys() {
     assert_eq!(c.cache_get("plain").await.unwrap(), Some(Value::from(4)));
     // The tag set is gone with its keys; a fresh entry with the tag is unaffected.
     let exists: i64 = redis::cmd("EXISTS")
-        .arg("satchel:c:s:t:exams")
+        .arg("satchel:c:s:t:{exams}")
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(exists, 0);
@@ -323,7 +323,7 @@ async fn tag_invalidation_removes_exactly_the_tagged_keys() {
     assert_eq!(c.cache_get("exam:3").await.unwrap(), Some(Value::from(5)));
     // Tag bookkeeping expires with its keys.
     let pttl: i64 = redis::cmd("PTTL")
-        .arg("satchel:c:s:t:exams")
+        .arg("satchel:c:s:t:{exams}")
         .query(&mut redis.conn())
         .unwrap();
     assert!(pttl > 0, "tag set has a ttl: {pttl}");
@@ -428,7 +428,7 @@ async fn fifty_concurrent_fetches_of_a_missing_key_grant_one_lease_and_all_get_t
         .await
     );
     let lease: String = redis::cmd("GET")
-        .arg("satchel:c:s:l:hot")
+        .arg("satchel:c:s:l:{hot}")
         .query(&mut redis.conn())
         .unwrap();
     assert!(
@@ -614,7 +614,7 @@ async fn two_daemons_on_one_redis_grant_one_lease_and_wake_each_others_waiters()
         .await
     );
     let lease: String = redis::cmd("GET")
-        .arg("satchel:c:s:l:shared")
+        .arg("satchel:c:s:l:{shared}")
         .query(&mut redis.conn())
         .unwrap();
     // Fill through daemon A; daemon B's waiters learn of it over pub/sub.

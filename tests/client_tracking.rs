@@ -191,7 +191,7 @@ fn a_write_through_another_daemon_or_straight_to_redis_reaches_a_tracking_connec
     let started = Instant::now();
     wb.set("k", "v2");
     let _: () = redis::cmd("DEL")
-        .arg("satchel:c:s:v:direct")
+        .arg("satchel:c:s:v:{direct}")
         .query(&mut redis.conn())
         .unwrap();
     let mut seen = Vec::new();

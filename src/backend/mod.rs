@@ -107,6 +107,13 @@ struct Node {
     conn: ConnectionManager,
 }
 
+/// One primary to send a command to (see [`Backend::primaries`]).
+#[derive(Debug, Clone)]
+pub enum Primary {
+    /// The one server (single-server and Sentinel modes).
+    Only,
+}
+
 /// Shared by every connection task and service; cheap to clone through `Arc`.
 pub struct Backend {
     cfg: RedisConfig,
@@ -331,6 +338,29 @@ impl Backend {
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, BackendError> {
         self.run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
+    }
+
+    /// The primaries a command that must see every key (`SCAN`) has to reach: one
+    /// server, or each primary of a cluster.
+    pub async fn primaries(&self) -> Result<Vec<Primary>, BackendError> {
+        Ok(vec![Primary::Only])
+    }
+
+    /// Runs one command on one primary (see [`Backend::primaries`]).
+    pub async fn query_at<T: FromRedisValue>(
+        &self,
+        primary: &Primary,
+        cmd: &Cmd,
+    ) -> Result<T, BackendError> {
+        match primary {
+            Primary::Only => self.query(cmd).await,
+        }
+    }
+
+    /// Groups `keys` by the hash slot they live in (one group outside a cluster), so
+    /// each group can go to Redis as one multi-key command or script.
+    pub fn by_slot<'k, K: AsRef<str> + ?Sized>(&self, keys: &'k [&'k K]) -> Vec<Vec<&'k K>> {
+        vec![keys.to_vec()]
     }
 
     /// Runs one read on the tracking connection, so Redis remembers the keys it

@@ -273,7 +273,12 @@ impl CacheService {
         keys: &[&str],
     ) -> Result<u64, CacheError> {
         let mut deleted = 0;
-        for chunk in keys.chunks(BATCH_KEYS / 2) {
+        for chunk in self
+            .backend
+            .by_slot(keys)
+            .iter()
+            .flat_map(|group| group.chunks(BATCH_KEYS / 2))
+        {
             let mut inv = self.scripts.del.prepare_invoke();
             for k in chunk {
                 inv.key(ks.value(k)).key(ks.lease(k));

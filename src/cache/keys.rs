@@ -4,15 +4,19 @@
 //! ```text
 //! <prefix>:c:seq                 counter: lease tokens and tag invalidations are ordered by it
 //! <prefix>:c:events              pub/sub channel: "<value key>" when a waited-for key changes
-//! <prefix>:c:<ns>:v:<key>        the value: 0x01, expiry (u64 ms since epoch, BE), MessagePack
-//! <prefix>:c:<ns>:l:<key>        the lease token "<seq>.<random>" (PX lease_ms)
-//! <prefix>:c:<ns>:t:<tag>        SET of the keys that carry <tag> (PX ≥ their longest TTL)
-//! <prefix>:c:<ns>:ti:<tag>       seq of the tag's last invalidation (PX MAX_LEASE_MS)
+//! <prefix>:c:<ns>:v:{<key>}      the value: 0x01, expiry (u64 ms since epoch, BE), MessagePack
+//! <prefix>:c:<ns>:l:{<key>}      the lease token "<seq>.<random>" (PX lease_ms)
+//! <prefix>:c:<ns>:t:{<tag>}      SET of the keys that carry <tag> (PX ≥ their longest TTL)
+//! <prefix>:c:<ns>:ti:{<tag>}     seq of the tag's last invalidation (PX MAX_LEASE_MS)
+//! <prefix>:c:<ns>:tp:{<tag>}     SET of members taken out of t:{<tag>} whose values an
+//!                                invalidation is deleting (left for the next one if it dies)
 //! ```
 //!
-//! `<ns>` is `s` (shared) or `u<uid>` when `cache.isolate_by_uid` is on. The value and
-//! lease keys differ only in their `v`/`l` letter, so one `SCAN MATCH …:[vl]:<prefix>*`
-//! finds both for prefix invalidation.
+//! `<ns>` is `s` (shared) or `u<uid>` when `cache.isolate_by_uid` is on. The braces are
+//! a Redis Cluster hash tag: a key's value and lease hash to one slot (so every
+//! script on one key is atomic on a cluster too), and different keys spread over
+//! the slots. The value and lease keys differ only in their `v`/`l` letter, so one
+//! `SCAN MATCH …:[vl]:{<prefix>*` finds both for prefix invalidation.
 
 use std::sync::Arc;
 
@@ -38,29 +42,44 @@ impl KeySpace {
         }
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     pub fn value(&self, key: &str) -> String {
-        concat(&[&self.base, "v:", key])
+        concat(&[&self.base, "v:{", key, "}"])
     }
 
     pub fn lease(&self, key: &str) -> String {
-        concat(&[&self.base, "l:", key])
+        concat(&[&self.base, "l:{", key, "}"])
     }
 
     pub fn tag_members(&self, tag: &str) -> String {
-        concat(&[&self.base, "t:", tag])
+        concat(&[&self.base, "t:{", tag, "}"])
+    }
+
+    /// Members taken out of the tag's set whose values are being deleted.
+    pub fn tag_popped(&self, tag: &str) -> String {
+        concat(&[&self.base, "tp:{", tag, "}"])
     }
 
     pub fn tag_invalidated(&self, tag: &str) -> String {
-        concat(&[&self.base, "ti:", tag])
+        concat(&[&self.base, "ti:{", tag, "}"])
+    }
+
+    /// The cache key a value or lease key of this namespace names (what a prefix
+    /// SCAN finds).
+    pub fn key_of<'a>(&self, rkey: &'a str) -> Option<&'a str> {
+        let rest = rkey.get(self.base.len()..)?;
+        rest.strip_prefix("v:{")
+            .or_else(|| rest.strip_prefix("l:{"))?
+            .strip_suffix('}')
+    }
+
+    /// Length of what comes before the key in a value key.
+    pub fn value_prefix_len(&self) -> usize {
+        self.base.len() + "v:{".len()
     }
 
     /// SCAN pattern matching the value and lease keys of every key under `prefix`.
     pub fn prefix_pattern(&self, prefix: &str) -> String {
-        format!("{}[vl]:{}*", glob_escape(&self.base), glob_escape(prefix))
+        format!("{}[vl]:{{{}*", glob_escape(&self.base), glob_escape(prefix))
     }
 }
 
@@ -129,11 +148,15 @@ mod tests {
     #[test]
     fn keys_follow_the_documented_layout() {
         let ks = KeySpace::new("app", "u1000");
-        assert_eq!(ks.base(), "app:c:u1000:");
-        assert_eq!(ks.value("k:1"), "app:c:u1000:v:k:1");
-        assert_eq!(ks.lease("k"), "app:c:u1000:l:k");
-        assert_eq!(ks.tag_members("t"), "app:c:u1000:t:t");
-        assert_eq!(ks.tag_invalidated("t"), "app:c:u1000:ti:t");
+        assert_eq!(ks.value("k:1"), "app:c:u1000:v:{k:1}");
+        assert_eq!(ks.lease("k"), "app:c:u1000:l:{k}");
+        assert_eq!(ks.tag_members("t"), "app:c:u1000:t:{t}");
+        assert_eq!(ks.tag_invalidated("t"), "app:c:u1000:ti:{t}");
+        assert_eq!(ks.key_of("app:c:u1000:v:{k:1}"), Some("k:1"));
+        assert_eq!(ks.key_of("app:c:u1000:v:{a}b}"), Some("a}b"));
+        assert_eq!(ks.key_of("app:c:u1000:l:{k}"), Some("k"));
+        assert_eq!(ks.key_of("app:c:u1000:t:{k}"), None);
+        assert_eq!(ks.value_prefix_len(), "app:c:u1000:v:{".len());
     }
 
     #[test]
@@ -141,7 +164,7 @@ mod tests {
         let ks = KeySpace::new("app", "s");
         assert_eq!(
             ks.prefix_pattern("user:*[1]"),
-            "app:c:s:[vl]:user:\\*\\[1\\]*"
+            "app:c:s:[vl]:{user:\\*\\[1\\]*"
         );
     }
 }

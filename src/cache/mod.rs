@@ -306,7 +306,7 @@ impl CacheService {
                 "cache.track needs cache.near = true: the daemon learns of other writers' changes through the near-cache's Redis tracking",
             ));
         }
-        self.tracked.track(session, ks.value("").len());
+        self.tracked.track(session, ks.value_prefix_len());
         Ok(tracking_answer(true))
     }
 
@@ -422,16 +422,25 @@ impl CacheService {
     }
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
-        self.store(&self.scripts.set, None, cfg, ks, req).await?;
+        self.store(None, cfg, ks, req).await?;
         self.stats.sets.inc();
         Ok(stored(true))
     }
 
-    /// Runs the SET or FILL script for `{key, value, ttl_ms?, tags?}` (FILL also takes
-    /// the lease, as its first argument); returns the script's reply.
+    /// Stores `{key, value, ttl_ms?, tags?}`: with SET, or with FILL when `lease` is
+    /// given (then 1 stored, 0 lease not held, -1 a tag was invalidated after the
+    /// lease was granted).
+    ///
+    /// Why this order keeps "no stale fill after an invalidation of a tag" without one
+    /// script over the value and its tags (which a Redis Cluster cannot run: they sit
+    /// in different slots): the key joins each tag's set first, then the tags'
+    /// invalidation records are read, then the value is written under the lease. An
+    /// invalidation ordered after the lease (a higher seq) either wrote its record
+    /// before the read (the fill sees it and stores nothing) or pops the tag's set
+    /// after the key joined it, deleting the lease (the fill is refused) or the value
+    /// just filled.
     async fn store(
         &self,
-        script: &redis::Script,
         lease: Option<&str>,
         cfg: &CacheConfig,
         ks: &KeySpace,
@@ -442,23 +451,65 @@ impl CacheService {
         let ttl = ttl_of(cfg, req)?;
         let tags = checked_tags(cfg, req)?;
         let vkey = ks.value(key);
-        let mut inv = script.key(&vkey);
-        inv.key(ks.lease(key));
-        if let Some(lease) = lease {
-            inv.arg(lease);
+        let outcome = async {
+            let joined = futures::future::try_join_all(tags.iter().map(|t| {
+                let tkey = ks.tag_members(t);
+                async move {
+                    self.backend
+                        .invoke::<i64>(self.scripts.tag_add.key(&tkey).arg(key).arg(ttl))
+                        .await
+                }
+            }));
+            joined.await?;
+            let Some(lease) = lease else {
+                let mut inv = self.scripts.set.key(&vkey);
+                inv.key(ks.lease(key))
+                    .arg(encode_blob(ttl, value))
+                    .arg(ttl)
+                    .arg(&self.channel);
+                return self.backend.invoke::<i64>(&inv).await;
+            };
+            let invalidated = self.tag_invalidated_since(ks, &tags, lease).await?;
+            let mut inv = self.scripts.fill.key(&vkey);
+            inv.key(ks.lease(key))
+                .arg(lease)
+                .arg(encode_blob(ttl, value))
+                .arg(ttl)
+                .arg(&self.channel)
+                .arg(if invalidated { "1" } else { "0" });
+            self.backend.invoke::<i64>(&inv).await
         }
-        inv.arg(encode_blob(ttl, value))
-            .arg(ttl)
-            .arg(ks.base())
-            .arg(key)
-            .arg(&self.channel);
-        for t in &tags {
-            inv.arg(*t);
-        }
-        let outcome = self.backend.invoke(&inv).await;
+        .await;
         // Even after an error: the write may have happened.
         self.forget(&vkey);
         Ok(outcome?)
+    }
+
+    /// Whether any of `tags` was invalidated after `lease` was granted (its seq is
+    /// the number before the dot). A token that is not ours is "no": the FILL
+    /// script refuses it anyway.
+    async fn tag_invalidated_since(
+        &self,
+        ks: &KeySpace,
+        tags: &[&str],
+        lease: &str,
+    ) -> Result<bool, BackendError> {
+        let Some(granted) = lease
+            .split_once('.')
+            .and_then(|(seq, _)| seq.parse::<u64>().ok())
+        else {
+            return Ok(false);
+        };
+        let records = futures::future::try_join_all(tags.iter().map(|t| {
+            let ti = ks.tag_invalidated(t);
+            async move {
+                self.backend
+                    .query::<Option<u64>>(redis::cmd("GET").arg(&ti))
+                    .await
+            }
+        }))
+        .await?;
+        Ok(records.into_iter().flatten().any(|seq| seq > granted))
     }
 
     async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -542,7 +593,14 @@ impl CacheService {
         lkey: &str,
         lease_ms: u64,
     ) -> Result<Fetched, CacheError> {
-        let random: u64 = rand_u64();
+        // The seq orders the lease against tag invalidations. It is taken before the
+        // script (a cluster keeps it in another slot than the key): a lease the
+        // script then does not grant only wastes a number.
+        let seq: u64 = self
+            .backend
+            .query(redis::cmd("INCR").arg(&self.seq_key))
+            .await?;
+        let token = format!("{seq}.{:016x}", rand_u64());
         let reply: redis::Value = self
             .backend
             .invoke(
@@ -550,9 +608,8 @@ impl CacheService {
                     .fetch
                     .key(vkey)
                     .key(lkey)
-                    .key(&self.seq_key)
                     .arg(lease_ms)
-                    .arg(format!("{random:016x}")),
+                    .arg(&token),
             )
             .await?;
         let (kind, payload): (i64, redis::Value) =
@@ -674,9 +731,7 @@ impl CacheService {
     async fn fill(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         checked_key(cfg, "key", req.str("key")?)?;
         let lease = req.str("lease")?;
-        let outcome = self
-            .store(&self.scripts.fill, Some(lease), cfg, ks, req)
-            .await?;
+        let outcome = self.store(Some(lease), cfg, ks, req).await?;
         let ok = outcome == 1;
         if ok {
             self.stats.fills_stored.inc();
@@ -710,60 +765,72 @@ impl CacheService {
         }
         let mut deleted = 0u64;
         for tag in &tags {
-            let _: i64 = self
+            // First the record (fills of leases granted before it are refused), then
+            // the keys that carry the tag.
+            let seq: u64 = self
                 .backend
-                .invoke(
-                    self.scripts
-                        .invalidate_tag
-                        .key(ks.tag_invalidated(tag))
-                        .key(&self.seq_key)
+                .query(redis::cmd("INCR").arg(&self.seq_key))
+                .await?;
+            let _: () = self
+                .backend
+                .query(
+                    redis::cmd("SET")
+                        .arg(ks.tag_invalidated(tag))
+                        .arg(seq)
+                        .arg("PX")
                         .arg(MAX_LEASE_MS + 10_000),
                 )
                 .await?;
+            let (tkey, pkey) = (ks.tag_members(tag), ks.tag_popped(tag));
+            // What an invalidation that died half-way left, then the set itself.
+            let mut members: Vec<String> = self
+                .backend
+                .query(redis::cmd("SMEMBERS").arg(&pkey))
+                .await?;
             loop {
-                let (n, popped, members): (u64, u64, Vec<String>) = self
-                    .backend
-                    .invoke(
-                        self.scripts
-                            .pop_tagged
-                            .key(ks.tag_members(tag))
-                            .arg(ks.base())
-                            .arg(TAG_BATCH),
-                    )
-                    .await?;
-                for m in &members {
-                    self.forget(&ks.value(m));
+                if !members.is_empty() {
+                    let keys: Vec<&str> = members.iter().map(String::as_str).collect();
+                    deleted += self.delete_many(ks, &keys).await?;
+                    let _: i64 = self
+                        .backend
+                        .query(redis::cmd("SREM").arg(&pkey).arg(&members))
+                        .await?;
                 }
-                deleted += n;
-                if popped == 0 {
+                members = self
+                    .backend
+                    .invoke(self.scripts.pop_tagged.key(&tkey).key(&pkey).arg(TAG_BATCH))
+                    .await?;
+                if members.is_empty() {
                     break;
                 }
             }
         }
         if let Some(prefix) = prefix {
             let pattern = ks.prefix_pattern(prefix);
-            let letter_pos = ks.base().len() + 1;
-            let mut cursor = "0".to_owned();
-            loop {
-                let (next, n, vkeys): (String, u64, Vec<String>) = self
-                    .backend
-                    .invoke(
-                        self.scripts
-                            .scan_prefix
-                            .arg(&cursor)
-                            .arg(&pattern)
-                            .arg(SCAN_COUNT)
-                            .arg(letter_pos),
-                    )
-                    .await?;
-                for vkey in &vkeys {
-                    self.forget(vkey);
+            for node in self.backend.primaries().await? {
+                let mut cursor = "0".to_owned();
+                loop {
+                    let (next, found): (String, Vec<String>) = self
+                        .backend
+                        .query_at(
+                            &node,
+                            redis::cmd("SCAN")
+                                .arg(&cursor)
+                                .arg("MATCH")
+                                .arg(&pattern)
+                                .arg("COUNT")
+                                .arg(SCAN_COUNT),
+                        )
+                        .await?;
+                    let mut keys: Vec<&str> = found.iter().filter_map(|k| ks.key_of(k)).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    deleted += self.delete_many(ks, &keys).await?;
+                    if next == "0" {
+                        break;
+                    }
+                    cursor = next;
                 }
-                deleted += n;
-                if next == "0" {
-                    break;
-                }
-                cursor = next;
             }
         }
         self.stats.invalidations.inc();

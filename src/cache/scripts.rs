@@ -2,92 +2,80 @@
 
 use redis::Script;
 
-/// The scripts, hashed once.
+/// The scripts, hashed once. Each touches the keys of one cache key (its value and
+/// lease share a hash tag) or of one tag, so each is atomic on a Redis Cluster too;
+/// what spans keys (a value and its tags, a tag and its keys) is a sequence of
+/// scripts whose order keeps the guarantees (see `CacheService::store`).
 pub struct Scripts {
     pub set: Script,
+    pub tag_add: Script,
     pub fetch: Script,
     pub fill: Script,
     pub release: Script,
     pub del: Script,
-    pub invalidate_tag: Script,
     pub pop_tagged: Script,
-    pub scan_prefix: Script,
 }
 
 impl Default for Scripts {
     fn default() -> Self {
         Scripts {
             set: Script::new(SET),
+            tag_add: Script::new(TAG_ADD),
             fetch: Script::new(FETCH),
             fill: Script::new(FILL),
             release: Script::new(RELEASE),
             del: Script::new(DEL),
-            invalidate_tag: Script::new(INVALIDATE_TAG),
             pop_tagged: Script::new(POP_TAGGED),
-            scan_prefix: Script::new(SCAN_PREFIX),
         }
     }
 }
 
 /// `cache.set`: unconditional store; voids any lease (stale-set protection).
-/// KEYS: value, lease. ARGV: blob, ttl_ms, base, key, channel, tags...
+/// KEYS: value, lease. ARGV: blob, ttl_ms, channel.
 const SET: &str = r#"
-local function store(vkey, lkey, blob, ttl, base, key, first_tag)
-  redis.call('SET', vkey, blob, 'PX', ttl)
-  local had_lease = redis.call('DEL', lkey)
-  local ttl_n = tonumber(ttl)
-  for i = first_tag, #ARGV do
-    local t = base .. 't:' .. ARGV[i]
-    redis.call('SADD', t, key)
-    if redis.call('PTTL', t) < ttl_n then redis.call('PEXPIRE', t, ttl_n) end
-  end
-  return had_lease
-end
-if store(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 6) == 1 then
-  redis.call('PUBLISH', ARGV[5], KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
 end
 return 1
 "#;
 
+/// Adds a key to a tag's set, keeping the set at least as long as the value.
+/// KEYS: tag set. ARGV: key, ttl_ms.
+const TAG_ADD: &str = r#"
+redis.call('SADD', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[2])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"#;
+
 /// `cache.fetch`: the value, or a lease for exactly one caller, or "wait".
-/// KEYS: value, lease, seq. ARGV: lease_ms, random.
+/// KEYS: value, lease. ARGV: lease_ms, token (`<seq>.<random>`, seq from `INCR seq`).
 /// Returns {1, blob} | {2, lease pttl} | {3, token}.
 const FETCH: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
 local l = redis.call('PTTL', KEYS[2])
 if l > 0 or l == -1 then return {2, l} end
-local seq = redis.call('INCR', KEYS[3])
-local token = seq .. '.' .. ARGV[2]
-redis.call('SET', KEYS[2], token, 'PX', ARGV[1])
-return {3, token}
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
+return {3, ARGV[2]}
 "#;
 
-/// `cache.fill`: store only if the caller still holds the lease and none of the
-/// value's tags was invalidated after the lease was granted.
-/// KEYS: value, lease. ARGV: token, blob, ttl_ms, base, key, channel, tags...
+/// `cache.fill`: store only if the caller still holds the lease. ARGV[5] = "1" when
+/// the daemon saw one of the value's tags invalidated after the lease was granted
+/// (then the lease is voided and nothing stored).
+/// KEYS: value, lease. ARGV: token, blob, ttl_ms, channel, tag invalidated.
 /// Returns 1 stored, 0 lease not held, -1 a tag was invalidated meanwhile.
 const FILL: &str = r#"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local granted = tonumber(string.match(ARGV[1], '^(%d+)'))
-for i = 7, #ARGV do
-  local ti = redis.call('GET', ARGV[4] .. 'ti:' .. ARGV[i])
-  if ti and tonumber(ti) > granted then
-    redis.call('DEL', KEYS[2])
-    redis.call('PUBLISH', ARGV[6], KEYS[1])
-    return -1
-  end
-end
-local ttl_n = tonumber(ARGV[3])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl_n)
 redis.call('DEL', KEYS[2])
-for i = 7, #ARGV do
-  local t = ARGV[4] .. 't:' .. ARGV[i]
-  redis.call('SADD', t, ARGV[5])
-  if redis.call('PTTL', t) < ttl_n then redis.call('PEXPIRE', t, ttl_n) end
+local stored = -1
+if ARGV[5] ~= '1' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  stored = 1
 end
-redis.call('PUBLISH', ARGV[6], KEYS[1])
-return 1
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return stored
 "#;
 
 /// Gives a lease back (a waiter it was meant for has gone).
@@ -101,7 +89,7 @@ end
 return 0
 "#;
 
-/// `cache.del`: KEYS: value1, lease1, value2, lease2, … ARGV: channel.
+/// `cache.del`: KEYS: value1, lease1, value2, lease2, … (one slot) ARGV: channel.
 /// Returns the number of values deleted; voided leases wake their waiters.
 const DEL: &str = r#"
 local n = 0
@@ -114,40 +102,19 @@ end
 return n
 "#;
 
-/// Records a tag invalidation (so fills of leases granted earlier are refused).
-/// KEYS: ti, seq. ARGV: record ttl ms.
-const INVALIDATE_TAG: &str = r#"
-local seq = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], seq, 'PX', ARGV[1])
-return seq
-"#;
-
-/// Deletes up to ARGV[2] keys of a tag set (values and leases).
-/// KEYS: tag set. ARGV: base, batch. Returns {values deleted, members popped,
-/// [members]} (the members, so the near-cache can drop them before answering).
+/// Moves up to ARGV[1] members of a tag set to the tag's "being invalidated" set
+/// (same hash tag, same slot) and returns them; the daemon deletes their values and
+/// leases, then removes them from the second set. A daemon that dies in between
+/// leaves them there for the next invalidation of the tag, so a member is never
+/// forgotten before its value is gone; it lives as long as the tag's set would
+/// have (at least as long as its members' values). KEYS: tag set, being-invalidated
+/// set. ARGV: batch.
 const POP_TAGGED: &str = r#"
-local members = redis.call('SPOP', KEYS[1], ARGV[2])
-local n = 0
-for _, m in ipairs(members) do
-  n = n + redis.call('UNLINK', ARGV[1] .. 'v:' .. m)
-  redis.call('UNLINK', ARGV[1] .. 'l:' .. m)
+local ttl = redis.call('PTTL', KEYS[1])
+local m = redis.call('SPOP', KEYS[1], ARGV[1])
+if #m > 0 then
+  redis.call('SADD', KEYS[2], unpack(m))
+  if ttl > redis.call('PTTL', KEYS[2]) then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
-return {n, #members, members}
-"#;
-
-/// One SCAN step of prefix invalidation: unlinks matching value and lease keys.
-/// ARGV: cursor, pattern, count, position of the v/l letter. Returns {cursor,
-/// values deleted, [value keys deleted]}.
-const SCAN_PREFIX: &str = r#"
-local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local pos = tonumber(ARGV[4])
-local n, gone = 0, {}
-for _, k in ipairs(r[2]) do
-  local deleted = redis.call('UNLINK', k)
-  if string.sub(k, pos, pos) == 'v' then
-    n = n + deleted
-    gone[#gone + 1] = k
-  end
-end
-return {r[1], n, gone}
+return m
 "#;

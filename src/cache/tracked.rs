@@ -146,7 +146,12 @@ impl Tracked {
         for id in ids {
             if let Some(conn) = t.conns.get_mut(&id) {
                 conn.keys.remove(vkey);
-                let key = vkey.get(conn.strip..).unwrap_or(vkey).to_owned();
+                // `<base>v:{<key>}` → `<key>`.
+                let key = vkey
+                    .get(conn.strip..)
+                    .and_then(|k| k.strip_suffix('}'))
+                    .unwrap_or(vkey)
+                    .to_owned();
                 let _ = conn.pushes.send(Push::Invalidate(key));
                 self.invalidations_pushed.inc();
             }
@@ -186,15 +191,15 @@ mod tests {
         let t = Tracked::default();
         let (a, mut rx_a) = Session::new();
         let (b, mut rx_b) = Session::new();
-        t.track(&a, 3);
-        t.reading(a.id, ["ns:vk1", "ns:vk2"], 100);
-        t.reading(b.id, ["ns:vk1"], 100); // b does not track
-        t.changed("ns:vk1");
-        t.changed("ns:vk1");
-        assert_eq!(drain(&mut rx_a), vec![Push::Invalidate("vk1".into())]);
+        t.track(&a, "ns:v:{".len());
+        t.reading(a.id, ["ns:v:{k1}", "ns:v:{k2}"], 100);
+        t.reading(b.id, ["ns:v:{k1}"], 100); // b does not track
+        t.changed("ns:v:{k1}");
+        t.changed("ns:v:{k1}");
+        assert_eq!(drain(&mut rx_a), vec![Push::Invalidate("k1".into())]);
         assert!(drain(&mut rx_b).is_empty());
         t.untrack(a.id);
-        t.changed("ns:vk2");
+        t.changed("ns:v:{k2}");
         assert!(drain(&mut rx_a).is_empty());
         assert!(t.table().readers.is_empty());
     }

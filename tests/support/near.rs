@@ -10,7 +10,7 @@ use super::{eventually, field};
 
 /// The value key of `key` in the shared namespace (protocol.md's layout).
 pub fn vkey(key: &str) -> String {
-    format!("satchel:c:s:v:{key}")
+    format!("satchel:c:s:v:{{{key}}}")
 }
 
 /// A value as satchel stores it: version byte, expiry (ms since the epoch), the
