@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use rmpv::Value;
 use satchel::client::{Client, Mail};
+use support::load::{delivered, settle};
 use support::*;
 
 const CONCURRENCY: usize = 16;
@@ -46,35 +47,6 @@ fn mail(to: &str, n: usize) -> Mail {
         text: Some(format!("message {n}")),
         ..Mail::default()
     }
-}
-
-/// Deliveries per mail_id (from the Message-ID header the daemon assigns).
-fn deliveries(sink: &SmtpSink) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for m in sink.received() {
-        let data = m["data"].as_str().unwrap_or("");
-        if let Some(id) = data
-            .split("Message-ID: <")
-            .nth(1)
-            .or_else(|| data.split("Message-Id: <").nth(1))
-            .and_then(|rest| rest.split('@').next())
-        {
-            *out.entry(id.to_owned()).or_default() += 1;
-        }
-    }
-    out
-}
-
-/// Waits until every accepted mail reached the sink; returns (missing, duplicates).
-fn settle(sink: &SmtpSink, accepted: &[String], timeout: Duration) -> (usize, usize) {
-    let all = || {
-        let got = deliveries(sink);
-        let missing = accepted.iter().filter(|id| !got.contains_key(*id)).count();
-        let dups = got.values().map(|n| n.saturating_sub(1)).sum::<usize>();
-        (missing, dups)
-    };
-    wait_until(timeout, || all().0 == 0);
-    all()
 }
 
 async fn send_many(c: &Client, to: &str, n: usize) -> Vec<String> {
@@ -238,7 +210,7 @@ async fn smtp_killed_for_30_seconds_then_back_delivers_everything() {
     sink.stop();
     // Read the old sink's record only now that it is dead: whatever it accepted up to
     // the kill counts as delivered before.
-    let before = deliveries(&sink);
+    let before = delivered(&sink);
     tokio::time::sleep(Duration::from_secs(30)).await;
     let stats = c.stats().await.unwrap();
     let sending_while_down = field(field(&stats, "mail"), "local_sending")

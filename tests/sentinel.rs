@@ -4,13 +4,11 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmpv::Value;
 use satchel::client::{Client, Mail};
+use support::load::*;
 use support::near::*;
 use support::topology::*;
 use support::*;
@@ -42,22 +40,6 @@ async fn follows(c: &Client, port: u16, limit: Duration) -> bool {
         async move { redis_url(&c).await.ends_with(&want) }
     })
     .await
-}
-
-/// Message-IDs the sink received, with how often.
-fn delivered(sink: &SmtpSink) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for m in sink.received() {
-        let data = m["data"].as_str().unwrap_or("");
-        if let Some(id) = data
-            .split("Message-ID: <")
-            .nth(1)
-            .and_then(|rest| rest.split('@').next())
-        {
-            *out.entry(id.to_owned()).or_default() += 1;
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,73 +76,7 @@ async fn sigkill_of_the_master_under_load_loses_no_acknowledged_mail() {
         .unwrap();
     assert_eq!(q.replicas, Some(1), "one replica acknowledged it");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let accepted: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let errors: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-    let mut senders = Vec::new();
-    for w in 0..4 {
-        let (c, stop, accepted, errors) = (
-            d.client().await,
-            stop.clone(),
-            accepted.clone(),
-            errors.clone(),
-        );
-        senders.push(tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let m = Mail {
-                    to: vec!["a@example.com".into()],
-                    subject: format!("failover {w}-{n}"),
-                    text: Some("t".into()),
-                    ..Mail::default()
-                };
-                match tokio::time::timeout(Duration::from_secs(10), c.mail_send(&m)).await {
-                    Ok(Ok(q)) => accepted.lock().unwrap().push((q.mail_id, Instant::now())),
-                    Ok(Err(e)) => {
-                        let code = e
-                            .code()
-                            .map(|c| c.as_str().to_owned())
-                            .unwrap_or_else(|| e.to_string());
-                        *errors.lock().unwrap().entry(code).or_default() += 1;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Err(_) => panic!("mail.send hung during the failover"),
-                }
-            }
-        }));
-    }
-    let cache_ok = Arc::new(AtomicU64::new(0));
-    let cache_err = Arc::new(AtomicU64::new(0));
-    let cache = {
-        let (c, stop, ok, err) = (
-            d.client().await,
-            stop.clone(),
-            cache_ok.clone(),
-            cache_err.clone(),
-        );
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let key = format!("k{}", n % 50);
-                let r = if n.is_multiple_of(3) {
-                    c.cache_set(&key, Value::from(n), None, &[])
-                        .await
-                        .map(|_| ())
-                } else {
-                    c.cache_get(&key).await.map(|_| ())
-                };
-                match r {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        err.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
+    let load = MixedLoad::start(&d, 4).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let old = set.master.port;
     let killed = Instant::now();
@@ -174,67 +90,31 @@ async fn sigkill_of_the_master_under_load_loses_no_acknowledged_mail() {
     let followed = killed.elapsed();
     // Mail is accepted again on the new master.
     assert!(
-        eventually(Duration::from_secs(10), || {
-            let accepted = accepted.clone();
-            async move {
-                accepted
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .any(|(_, at)| *at > killed + followed)
-            }
-        })
-        .await,
+        load.accepts_after(killed + followed, Duration::from_secs(10))
+            .await,
         "no mail accepted after the daemon followed the new master"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for s in senders {
-        s.await.unwrap();
-    }
-    cache.await.unwrap();
-    let accepted = accepted.lock().unwrap().clone();
-    let before: usize = accepted.iter().filter(|(_, at)| *at < killed).count();
-    // The outage: the longest stretch without an accepted send.
-    let mut times: Vec<Instant> = accepted.iter().map(|(_, at)| *at).collect();
-    times.sort();
-    let outage = times
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default();
-    let ids: HashSet<String> = accepted.iter().map(|(id, _)| id.clone()).collect();
-    let all_in = wait_until(Duration::from_secs(60), || {
-        let got = delivered(&sink);
-        ids.iter().all(|id| got.contains_key(id))
-    });
-    let got = delivered(&sink);
-    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
-    let dups: usize = got.values().map(|n| n - 1).sum();
+    let out = load.stop().await;
+    let before = out.accepted.iter().filter(|(_, at)| *at < killed).count();
+    let ids = out.ids();
+    let (missing, dups) = settle(&sink, &ids, Duration::from_secs(60));
     let s = c.stats().await.unwrap();
     let under = field(field(&s, "mail"), "under_replicated").as_u64();
-    let errors = errors.lock().unwrap().clone();
     eprintln!(
         "sentinel failover (SIGKILL of master {old}): daemon on the new master {new_port} after {followed:?}; \
-         mail outage {outage:?} (longest stretch without an accepted send); {} mails accepted ({before} before the kill), \
-         errors {errors:?}, under-replicated {under:?}, missing {}, duplicates {dups}; \
+         mail outage {:?} (longest stretch without an accepted send); {} mails accepted ({before} before the kill), \
+         errors {:?}, under-replicated {under:?}, missing {missing}, duplicates {dups}; \
          cache {} ok / {} failed",
+        out.longest_gap(),
         ids.len(),
-        missing.len(),
-        cache_ok.load(Ordering::Relaxed),
-        cache_err.load(Ordering::Relaxed),
+        out.errors,
+        out.cache_ok,
+        out.cache_err,
     );
-    assert!(
-        all_in,
-        "acknowledged mail lost in the failover: {missing:?}"
-    );
-    for code in errors.keys() {
-        assert!(
-            code == "UNAVAILABLE" || code == "TIMEOUT",
-            "unexpected {code}"
-        );
-    }
-    assert!(!errors.is_empty(), "the outage was not observed");
+    assert_eq!(missing, 0, "acknowledged mail lost in the failover");
+    out.assert_only_outage_errors();
+    assert!(!out.errors.is_empty(), "the outage was not observed");
     assert!(before > 0, "no load before the kill");
     // With the only replica promoted, nothing is left to acknowledge: still ok,
     // counted, and the durability warning says so.

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
+
+use super::conn::Conn;
 
 /// The last `WAIT`'s answer: it covered every write counted up to `upto`.
 #[derive(Default)]
@@ -27,7 +28,7 @@ struct Covered {
 
 /// One connection for acknowledged writes.
 pub(super) struct Lane {
-    pub(super) conn: MultiplexedConnection,
+    pub(super) conn: Conn,
     /// The node it was made for.
     pub(super) generation: u64,
     /// Writes completed on it.
@@ -36,7 +37,7 @@ pub(super) struct Lane {
 }
 
 impl Lane {
-    pub(super) fn new(conn: MultiplexedConnection, generation: u64) -> Lane {
+    pub(super) fn new(conn: Conn, generation: u64) -> Lane {
         Lane {
             conn,
             generation,
@@ -51,13 +52,15 @@ impl Lane {
     }
 
     /// How many replicas have the write `ticket` (and everything before it), waiting
-    /// at most `timeout` for `want` of them. An error counts as none.
+    /// at most `timeout` for `want` of them. `key` is one the writes touched (on a
+    /// cluster `WAIT` must reach the primary that took them).
     pub(super) async fn replicas(
         &self,
         ticket: u64,
         want: u64,
         timeout: Duration,
         deadline: Duration,
+        key: &str,
     ) -> Result<u64, redis::RedisError> {
         let mut covered = self.gate.lock().await;
         if covered.upto >= ticket {
@@ -68,13 +71,14 @@ impl Lane {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(want).arg(timeout.as_millis() as u64);
-        let wait = cmd.query_async::<u64>(&mut conn);
+        let wait = conn.query_for_key(key, cmd);
         let acked = tokio::time::timeout(deadline, wait).await.map_err(|_| {
             redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "WAIT went unanswered",
             ))
         })??;
+        let acked: u64 = redis::from_redis_value(acked)?;
         *covered = Covered { upto, acked };
         Ok(acked)
     }
@@ -95,7 +99,7 @@ impl AckLane {
     ) -> Result<Arc<Lane>, redis::RedisError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<MultiplexedConnection, redis::RedisError>>,
+        Fut: Future<Output = Result<Conn, redis::RedisError>>,
     {
         let mut current = self.current.lock().await;
         if let Some(lane) = current.as_ref().filter(|l| l.generation == generation) {

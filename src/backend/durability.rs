@@ -17,6 +17,18 @@ pub struct Durability {
 }
 
 impl Durability {
+    /// What holds for two primaries together: the warnings of both, the fewer
+    /// replicas, AOF only if both have it, and an evicting policy over `noeviction`.
+    pub fn worst(mut self, other: Durability) -> Durability {
+        if self.eviction_policy == "noeviction" {
+            self.eviction_policy = other.eviction_policy;
+        }
+        self.aof &= other.aof;
+        self.replicas = self.replicas.min(other.replicas);
+        self.warnings.extend(other.warnings);
+        self
+    }
+
     /// Reads the `INFO` text (sections persistence, memory, replication).
     /// `replicated`: in sentinel (and cluster) mode a server without a replica is a
     /// warning, since a failover would then have nothing to promote.

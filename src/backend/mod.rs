@@ -17,6 +17,7 @@
 //! second, until a PING answers.
 
 mod acked;
+pub mod conn;
 pub mod durability;
 pub mod reply;
 mod sentinel;
@@ -28,9 +29,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::{
     Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisResult, ScriptInvocation, Value,
 };
@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{RedisConfig, RedisMode};
 use crate::protocol::{ErrorCode, OpError};
+pub use conn::Conn;
 
 /// How long a client should wait before retrying while Redis is down; also the probe
 /// interval while down.
@@ -100,11 +101,22 @@ struct Node {
     addr: String,
     /// Counts replacements; connections made for an older node are dropped.
     generation: u64,
-    client: redis::Client,
-    /// The same server over RESP3, for the tracking connection (pushes).
-    resp3: redis::Client,
+    clients: Clients,
     /// The shared connection (cache ops, mail scripts).
-    conn: ConnectionManager,
+    conn: Conn,
+}
+
+/// What connections of their own are made from.
+enum Clients {
+    One {
+        client: redis::Client,
+        /// The same server over RESP3, for the tracking connection (pushes).
+        resp3: redis::Client,
+    },
+    Cluster {
+        /// Without a response timeout, for blocking reads and `WAIT`.
+        blocking: ClusterClient,
+    },
 }
 
 /// One primary to send a command to (see [`Backend::primaries`]).
@@ -112,6 +124,8 @@ struct Node {
 pub enum Primary {
     /// The one server (single-server and Sentinel modes).
     Only,
+    /// A cluster primary.
+    At(String, u16),
 }
 
 /// Shared by every connection task and service; cheap to clone through `Arc`.
@@ -121,6 +135,8 @@ pub struct Backend {
     node: arc_swap::ArcSwapOption<Node>,
     /// Sentinel mode: where to ask for the master.
     sentinels: Option<sentinel::Sentinels>,
+    /// Cluster mode: the seed nodes.
+    cluster: Option<Vec<(String, u16)>>,
     /// A reason to ask the sentinels again before the next probe.
     resolve: AtomicBool,
     /// Bumped on every node replacement, for connections of their own to notice.
@@ -196,19 +212,7 @@ fn open_client(
 ) -> Result<redis::Client, BackendError> {
     match &cfg.tls_files {
         None => redis::Client::open(info),
-        Some(files) => redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: files
-                    .client
-                    .as_ref()
-                    .map(|(cert, key)| redis::ClientTlsConfig {
-                        client_cert: cert.clone(),
-                        client_key: key.clone(),
-                    }),
-                root_cert: files.ca.clone(),
-            },
-        ),
+        Some(files) => redis::Client::build_with_tls(info, tls_certificates(files)),
     }
     .map_err(BackendError::Redis)
 }
@@ -241,30 +245,127 @@ impl Node {
         Ok(Node {
             addr: shown,
             generation,
-            client,
-            resp3,
-            conn,
+            clients: Clients::One { client, resp3 },
+            conn: Conn::Manager(conn),
         })
     }
+
+    /// A cluster connection from the seed nodes (it discovers the rest, and follows
+    /// slot moves and failovers by itself).
+    async fn open_cluster(
+        cfg: &RedisConfig,
+        seeds: &[(String, u16)],
+        generation: u64,
+    ) -> Result<Node, redis::RedisError> {
+        let build = |response_timeout: Duration| -> Result<ClusterClient, redis::RedisError> {
+            let nodes = seeds
+                .iter()
+                .map(|(h, p)| connection_info(cfg, Some((h.clone(), *p))))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "cluster",
+                        e.to_string(),
+                    ))
+                })?;
+            let mut b = ClusterClientBuilder::new(nodes)
+                .connection_timeout(cfg.connect_timeout())
+                .response_timeout(response_timeout)
+                // Few retries: a slot whose primary is gone answers UNAVAILABLE
+                // soon, as on one server, and the client retries.
+                .retries(2);
+            if cfg.tls || cfg.url.starts_with("rediss://") {
+                b = b.tls(redis::TlsMode::Secure);
+            }
+            if let Some(files) = &cfg.tls_files {
+                b = b.certs(tls_certificates(files));
+            }
+            if !cfg.username.is_empty() {
+                b = b.username(&cfg.username);
+            }
+            if !cfg.password.is_empty() {
+                b = b.password(&cfg.password);
+            }
+            b.build()
+        };
+        let shared = build(cfg.response_timeout())?;
+        let blocking = build(Duration::from_secs(3600))?;
+        let conn = shared.get_async_connection().await?;
+        Ok(Node {
+            addr: seeds
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            generation,
+            clients: Clients::Cluster { blocking },
+            conn: Conn::Cluster(conn),
+        })
+    }
+
+    /// A connection of its own to this node (or cluster), without a response timeout.
+    async fn own_connection(&self, connect_timeout: Duration) -> Result<Conn, redis::RedisError> {
+        match &self.clients {
+            Clients::One { client, .. } => {
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(None);
+                Ok(Conn::Plain(
+                    client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await?,
+                ))
+            }
+            Clients::Cluster { blocking } => {
+                Ok(Conn::Cluster(blocking.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+fn tls_certificates(files: &crate::config::RedisTlsFiles) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: files
+            .client
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: files.ca.clone(),
+    }
+}
+
+/// `host:port` → its parts (validated by the config).
+fn host_port(node: &str) -> Option<(String, u16)> {
+    let (h, p) = node.rsplit_once(':')?;
+    Some((h.to_owned(), p.parse().ok()?))
 }
 
 impl Backend {
     /// Creates the handle without connecting; call [`Backend::probe`] or run
     /// [`Backend::run_health`] to connect.
     pub fn new(cfg: &RedisConfig) -> Result<Arc<Backend>, BackendError> {
-        let (node, sentinels) = match cfg.mode() {
-            RedisMode::Single => (Some(Arc::new(Node::open(cfg, None, 0)?)), None),
+        let (node, sentinels, cluster) = match cfg.mode() {
+            RedisMode::Single => (Some(Arc::new(Node::open(cfg, None, 0)?)), None, None),
             RedisMode::Sentinel { nodes, master } => {
                 let s =
                     sentinel::Sentinels::new(cfg, &nodes, &master).map_err(BackendError::Redis)?;
-                (None, Some(s))
+                (None, Some(s), None)
+            }
+            RedisMode::Cluster { nodes } => {
+                let seeds = nodes.iter().filter_map(|n| host_port(n)).collect();
+                (None, None, Some(seeds))
             }
         };
+        let resolve = node.is_none();
         Ok(Arc::new(Backend {
             cfg: cfg.clone(),
             node: arc_swap::ArcSwapOption::new(node),
-            resolve: AtomicBool::new(sentinels.is_some()),
+            resolve: AtomicBool::new(resolve),
             sentinels,
+            cluster,
             generation: tokio::sync::watch::Sender::new(0),
             acked: acked::AckLane::default(),
             durability: arc_swap::ArcSwapOption::empty(),
@@ -286,6 +387,10 @@ impl Backend {
 
     /// What the daemon talks to: the URL, or the sentinel master and where it is now.
     pub fn url(&self) -> String {
+        if let Some(seeds) = &self.cluster {
+            let seeds: Vec<String> = seeds.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+            return format!("cluster:{}", seeds.join(","));
+        }
         match (&self.sentinels, self.node.load().as_deref()) {
             (None, _) => self.cfg.url.clone(),
             (Some(s), Some(n)) => format!("sentinel:{} at {}", s.master_name(), n.addr),
@@ -296,7 +401,12 @@ impl Backend {
     /// Whether the daemon runs against sentinels or a cluster (where a server with no
     /// replica is a durability warning).
     pub fn replicated_mode(&self) -> bool {
-        self.sentinels.is_some()
+        self.sentinels.is_some() || self.cluster.is_some()
+    }
+
+    /// Whether the daemon runs against a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// The configured key prefix (without the trailing `:`).
@@ -340,10 +450,38 @@ impl Backend {
             .await
     }
 
+    /// A client for one server of a cluster (RESP3 for pushes when `resp3`).
+    pub(crate) fn client_for(
+        &self,
+        host: &str,
+        port: u16,
+        resp3: bool,
+    ) -> Result<redis::Client, BackendError> {
+        let info = connection_info(&self.cfg, Some((host.to_owned(), port)))?;
+        let info = if resp3 {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info.set_redis_settings(settings)
+        } else {
+            info
+        };
+        open_client(&self.cfg, info)
+    }
+
     /// The primaries a command that must see every key (`SCAN`) has to reach: one
     /// server, or each primary of a cluster.
     pub async fn primaries(&self) -> Result<Vec<Primary>, BackendError> {
-        Ok(vec![Primary::Only])
+        if !self.is_cluster() {
+            return Ok(vec![Primary::Only]);
+        }
+        let mut conn = self.node()?.conn.clone();
+        let found = conn
+            .cluster_primaries()
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(found.into_iter().map(|(h, p)| Primary::At(h, p)).collect())
     }
 
     /// Runs one command on one primary (see [`Backend::primaries`]).
@@ -354,13 +492,24 @@ impl Backend {
     ) -> Result<T, BackendError> {
         match primary {
             Primary::Only => self.query(cmd).await,
+            Primary::At(host, port) => {
+                let cmd = cmd.clone();
+                let value = self
+                    .run(|mut c| async move { c.query_at(host, *port, cmd).await })
+                    .await?;
+                redis::from_redis_value(value).map_err(|e| BackendError::Reply(e.to_string()))
+            }
         }
     }
 
     /// Groups `keys` by the hash slot they live in (one group outside a cluster), so
     /// each group can go to Redis as one multi-key command or script.
-    pub fn by_slot<'k, K: AsRef<str> + ?Sized>(&self, keys: &'k [&'k K]) -> Vec<Vec<&'k K>> {
-        vec![keys.to_vec()]
+    pub fn by_slot<'k, K: AsRef<str> + ?Sized>(&self, keys: &[&'k K]) -> Vec<Vec<&'k K>> {
+        if self.is_cluster() {
+            conn::group_by_slot(keys)
+        } else {
+            vec![keys.to_vec()]
+        }
     }
 
     /// Runs one read on the tracking connection, so Redis remembers the keys it
@@ -389,10 +538,7 @@ impl Backend {
         let Some(conn) = tracking.connection() else {
             return Ok(None);
         };
-        let reply = self
-            .run_on(conn, |mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
-        Ok(Some(reply))
+        Ok(Some(self.pipeline_on(conn, pipe).await?))
     }
 
     /// Runs one Lua script (EVALSHA, loading it on `NOSCRIPT`).
@@ -411,21 +557,66 @@ impl Backend {
     pub async fn invoke_acked<T: FromRedisValue>(
         &self,
         script: &ScriptInvocation<'_>,
+        key: &str,
+        replicas: u64,
+        timeout: Duration,
+    ) -> Result<(T, u64), BackendError> {
+        match self.invoke_acked_once(script, key, replicas, timeout).await {
+            // The slot moved (a cluster failover): the lane went to the old primary.
+            Err(e) if matches!(e.redis_code(), Some("MOVED" | "ASK")) => {
+                self.invoke_acked_once(script, key, replicas, timeout).await
+            }
+            other => other,
+        }
+    }
+
+    async fn invoke_acked_once<T: FromRedisValue>(
+        &self,
+        script: &ScriptInvocation<'_>,
+        key: &str,
         replicas: u64,
         timeout: Duration,
     ) -> Result<(T, u64), BackendError> {
         self.ensure_up()?;
         let node = self.node()?;
+        // A plain connection to the server that takes `key`'s writes (on a cluster,
+        // the primary of its slot: `WAIT` must follow the write on its connection,
+        // and a cluster connection does not promise that). Each command below has
+        // its own deadline.
         let lane = self
             .acked
             .get(node.generation, || async {
-                let cfg = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    // Each command below has its own deadline.
-                    .set_response_timeout(None);
-                node.client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await
+                match &node.clients {
+                    Clients::One { .. } => node.own_connection(self.connect_timeout).await,
+                    Clients::Cluster { .. } => {
+                        let (host, port) = node
+                            .conn
+                            .clone()
+                            .cluster_owner_of(key)
+                            .await?
+                            .ok_or_else(|| {
+                                redis::RedisError::from((
+                                    redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                                    "no primary serves the mail slot",
+                                ))
+                            })?;
+                        let client = self.client_for(&host, port, false).map_err(|e| {
+                            redis::RedisError::from((
+                                redis::ErrorKind::Io,
+                                "cluster",
+                                e.to_string(),
+                            ))
+                        })?;
+                        let cfg = redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(self.connect_timeout))
+                            .set_response_timeout(None);
+                        Ok(Conn::Plain(
+                            client
+                                .get_multiplexed_async_connection_with_config(&cfg)
+                                .await?,
+                        ))
+                    }
+                }
             })
             .await
             .map_err(|e| self.classify(e))?;
@@ -451,7 +642,7 @@ impl Backend {
         };
         let ticket = lane.wrote();
         let acked = match lane
-            .replicas(ticket, replicas, timeout, timeout + response_timeout)
+            .replicas(ticket, replicas, timeout, timeout + response_timeout, key)
             .await
         {
             Ok(n) => n,
@@ -464,9 +655,32 @@ impl Backend {
         Ok((reply, acked))
     }
 
-    /// Runs a pipeline of commands in one round trip.
+    /// Runs a pipeline of commands in one round trip. On a cluster a pipeline that
+    /// is not a transaction may name keys of many slots: its commands are sent one by
+    /// one (concurrently; the cluster connection batches them per node) and the
+    /// replies gathered in order.
     pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, BackendError> {
-        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+        let conn = self.node()?.conn.clone();
+        self.pipeline_on(conn, pipe).await
+    }
+
+    async fn pipeline_on<T: FromRedisValue>(
+        &self,
+        conn: Conn,
+        pipe: &Pipeline,
+    ) -> Result<T, BackendError> {
+        if matches!(conn, Conn::Cluster(_)) && !pipe.is_transaction() {
+            let replies = futures::future::try_join_all(pipe.cmd_iter().map(|cmd| {
+                let conn = conn.clone();
+                self.run_on(conn, move |mut c| async move {
+                    cmd.query_async::<Value>(&mut c).await
+                })
+            }))
+            .await?;
+            return redis::from_redis_value(Value::Array(replies))
+                .map_err(|e| BackendError::Reply(e.to_string()));
+        }
+        self.run_on(conn, |mut c| async move { pipe.query_async(&mut c).await })
             .await
     }
 
@@ -474,7 +688,7 @@ impl Backend {
     /// error classification.
     async fn run<T, F, Fut>(&self, call: F) -> Result<T, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let conn = self.node()?.conn.clone();
@@ -509,13 +723,9 @@ impl Backend {
     /// (`XREADGROUP BLOCK`); not counted against `redis.max_inflight`, since nothing
     /// queues behind it.
     pub async fn dedicated(self: &Arc<Self>) -> Result<Dedicated, BackendError> {
-        let conn_cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(None);
         let node = self.node()?;
         let conn = node
-            .client
-            .get_multiplexed_async_connection_with_config(&conn_cfg)
+            .own_connection(self.connect_timeout)
             .await
             .map_err(|e| self.classify(e))?;
         Ok(Dedicated {
@@ -532,8 +742,20 @@ impl Backend {
         channel: &str,
     ) -> Result<BoxStream<'static, Vec<u8>>, BackendError> {
         let node = self.node()?;
+        // On a cluster PUBLISH reaches every node: any primary will do.
+        let client = match &node.clients {
+            Clients::One { client, .. } => client.clone(),
+            Clients::Cluster { .. } => match self.primaries().await?.first() {
+                Some(Primary::At(host, port)) => self.client_for(host, *port, false)?,
+                _ => {
+                    return Err(BackendError::Unavailable(
+                        "the cluster has no primary".into(),
+                    ));
+                }
+            },
+        };
         let subscribed = async {
-            let mut pubsub = node.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
@@ -556,16 +778,29 @@ impl Backend {
     /// Maps a redis error, and marks Redis down when the error says the connection is
     /// gone or stuck, so the next requests fail fast until the probe succeeds.
     fn classify(&self, e: redis::RedisError) -> BackendError {
+        // On a cluster one node's trouble is not everyone's: the request fails, and
+        // only the probe (any primary) decides whether Redis is down.
+        let whole = !self.is_cluster();
         if e.is_timeout() {
-            self.mark_down(&e);
+            if whole {
+                self.mark_down(&e);
+            }
             BackendError::Timeout(self.response_timeout)
         } else if e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_unrecoverable_error()
         {
-            self.mark_down(&e);
+            if whole {
+                self.mark_down(&e);
+            }
             self.resolve_again();
+            BackendError::Unavailable(e.to_string())
+        } else if matches!(
+            e.code(),
+            Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING")
+        ) {
+            // A slot without a primary during a failover, a resharding step.
             BackendError::Unavailable(e.to_string())
         } else if e.code() == Some("READONLY") {
             // A former master, demoted to replica by a failover.
@@ -625,16 +860,34 @@ impl Backend {
 
     /// Reads `INFO`, keeps what it says, and logs each new warning once.
     async fn check_durability(&self) {
-        let info: Result<String, _> = self
-            .query(
-                redis::cmd("INFO")
-                    .arg("persistence")
-                    .arg("memory")
-                    .arg("replication"),
-            )
-            .await;
-        let Ok(info) = info else { return };
-        let d = durability::Durability::from_info(&info, self.replicated_mode());
+        let Ok(primaries) = self.primaries().await else {
+            return;
+        };
+        // Each primary's own answer; on a cluster the worst of them.
+        let mut d: Option<durability::Durability> = None;
+        for p in &primaries {
+            let info: Result<String, _> = self
+                .query_at(
+                    p,
+                    redis::cmd("INFO")
+                        .arg("persistence")
+                        .arg("memory")
+                        .arg("replication"),
+                )
+                .await;
+            let Ok(info) = info else { return };
+            let mut one = durability::Durability::from_info(&info, self.replicated_mode());
+            if let Primary::At(host, port) = p {
+                for w in &mut one.warnings {
+                    *w = format!("{host}:{port}: {w}");
+                }
+            }
+            d = Some(match d {
+                None => one,
+                Some(acc) => acc.worst(one),
+            });
+        }
+        let Some(d) = d else { return };
         let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
         for w in &d.warnings {
             if warned.insert(w.clone()) {
@@ -678,9 +931,24 @@ impl Backend {
         {
             self.follow_master(sentinels).await?;
         }
+        if let Some(seeds) = &self.cluster
+            && self.node.load().is_none()
+        {
+            let node = Node::open_cluster(&self.cfg, seeds, 0)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.node.store(Some(Arc::new(node)));
+        }
         let node = self.node().map_err(|e| e.to_string())?;
         let mut conn = node.conn.clone();
         let check = async {
+            if self.is_cluster() {
+                // Any primary: the cluster answers while one shard fails over.
+                let _: Value = conn
+                    .query_random_primary(redis::cmd("PING").to_owned())
+                    .await?;
+                return Ok(None);
+            }
             if self.sentinels.is_none() {
                 let _: String = redis::cmd("PING").query_async(&mut conn).await?;
                 return Ok(None);
@@ -791,7 +1059,7 @@ impl Backend {
 /// A connection of one task's own (see [`Backend::dedicated`]). Its errors are
 /// classified like every other, so a worker that sees Redis die marks it down.
 pub struct Dedicated {
-    conn: MultiplexedConnection,
+    conn: Conn,
     /// The node it was made for: after a failover it refuses, so its owner makes a
     /// new one to the new master.
     generation: u64,

@@ -80,19 +80,9 @@ impl Sentinels {
                 .set_client_to_sentinel_tls_mode(TlsMode::Secure);
         }
         if let Some(files) = &cfg.tls_files {
-            let certs = || redis::TlsCertificates {
-                client_tls: files
-                    .client
-                    .as_ref()
-                    .map(|(cert, key)| redis::ClientTlsConfig {
-                        client_cert: cert.clone(),
-                        client_key: key.clone(),
-                    }),
-                root_cert: files.ca.clone(),
-            };
             b = b
-                .set_client_to_redis_certificates(certs())
-                .set_client_to_sentinel_certificates(certs());
+                .set_client_to_redis_certificates(super::tls_certificates(files))
+                .set_client_to_sentinel_certificates(super::tls_certificates(files));
         }
         if !cfg.username.is_empty() {
             b = b.set_client_to_redis_username(&cfg.username);

@@ -13,6 +13,16 @@
 //! key before it sends the read; an invalidation that finds the mark voids it, and
 //! the reply is then not stored (rueidis, node-redis 5 and Lettuce do the same).
 //!
+//! On a Redis Cluster the daemon cannot read every key through one connection: it
+//! opens one tracking connection per primary in broadcast mode (`CLIENT TRACKING ON
+//! BCAST PREFIX <prefix>:c:`: every change of a cache key on that primary is
+//! announced, whoever read it) and reads through the shared cluster connection. The
+//! pending marks keep the race closed there too: a write the server ran after a
+//! read may announce itself before or after the read's reply arrives on the other
+//! connection; before, the mark is void and the reply not kept; after, the kept
+//! entry is dropped. A change of the cluster's primaries (failover, resharding), or a
+//! tracking connection to a node that is no longer a primary, is a loss.
+//!
 //! Tracking loss is a flush: when the connection drops, or the heartbeat (a PING
 //! every 250 ms) gets no answer within 750 ms, the sink is flushed (the near-cache's
 //! epoch moves on: reads begun before are not stored, entries read before are not
@@ -28,7 +38,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Clients, Conn, Primary};
 
 /// How often the heartbeat pings the tracking connection.
 const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -52,10 +62,16 @@ pub trait InvalidationSink: Send + Sync + 'static {
 /// disconnect push or a missed heartbeat on. Per connection, so the late disconnect
 /// of an old connection never marks its successor down.
 struct Live {
-    conn: MultiplexedConnection,
+    /// Where tracked reads go: the tracking connection itself (one server), or the
+    /// shared cluster connection (broadcast tracking does not need reads to share it).
+    read: Conn,
+    /// The connections the pushes come on: one, or one per cluster primary.
+    watched: Vec<MultiplexedConnection>,
     alive: Arc<AtomicBool>,
     /// The backend node it tracks; a failover to another master ends it.
     generation: u64,
+    /// Cluster: the primaries tracking was turned on at.
+    primaries: Vec<(String, u16)>,
 }
 
 /// The tracking side of the backend. One per daemon, when the near-cache is on.
@@ -73,12 +89,12 @@ impl Tracking {
     }
 
     /// The connection to read through; None while tracking is down.
-    pub fn connection(&self) -> Option<MultiplexedConnection> {
+    pub fn connection(&self) -> Option<Conn> {
         let live = self.live.load();
         let live = live.as_deref()?;
         live.alive
             .load(Ordering::Acquire)
-            .then(|| live.conn.clone())
+            .then(|| live.read.clone())
     }
 
     /// Ends the sink's current epoch: nothing read in it is stored or served as fresh.
@@ -118,11 +134,16 @@ impl Tracking {
         }
     }
 
-    async fn connect(&self, backend: &Backend) -> Result<Live, BackendError> {
+    /// What each tracking connection does with a push: invalidations to the sink,
+    /// and its end as a flush (synchronous with the connection's end: no reply read
+    /// after it can be stored).
+    fn on_push(
+        &self,
+        alive: &Arc<AtomicBool>,
+    ) -> impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + 'static {
         let sink = self.sink.clone();
-        let alive = Arc::new(AtomicBool::new(true));
         let up = alive.clone();
-        let on_push = move |push: PushInfo| -> Result<(), redis::aio::SendError> {
+        move |push: PushInfo| {
             match push.kind {
                 PushKind::Invalidate => match push.data.first() {
                     Some(Value::Array(keys)) => {
@@ -138,44 +159,88 @@ impl Tracking {
                     // A nil key list: FLUSHALL / FLUSHDB.
                     _ => sink.clear(),
                 },
-                // Synchronous with the connection's end: no reply read after this
-                // can be stored.
                 PushKind::Disconnection if up.swap(false, Ordering::AcqRel) => sink.flush(),
                 _ => {}
             }
             Ok(())
-        };
+        }
+    }
+
+    /// A RESP3 connection from `client` whose pushes go to the sink, with
+    /// `CLIENT TRACKING ON` and `extra` arguments.
+    async fn open(
+        &self,
+        backend: &Backend,
+        client: &redis::Client,
+        alive: &Arc<AtomicBool>,
+        extra: &[&str],
+    ) -> Result<MultiplexedConnection, BackendError> {
         let conn_cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(backend.connect_timeout))
             .set_response_timeout(Some(backend.response_timeout))
-            .set_push_sender(on_push);
-        let node = backend.node()?;
-        let mut conn = node
-            .resp3
+            .set_push_sender(self.on_push(alive));
+        let mut conn = client
             .get_multiplexed_async_connection_with_config(&conn_cfg)
             .await
             .map_err(|e| backend.classify(e))?;
         let _: Value = redis::cmd("CLIENT")
             .arg("TRACKING")
             .arg("ON")
+            .arg(extra)
             .query_async(&mut conn)
             .await
             .map_err(|e| backend.classify(e))?;
-        Ok(Live {
-            conn,
-            alive,
-            generation: node.generation,
-        })
+        Ok(conn)
     }
 
-    /// Pings until a ping fails or times out; returns why.
+    async fn connect(&self, backend: &Backend) -> Result<Live, BackendError> {
+        let alive = Arc::new(AtomicBool::new(true));
+        let node = backend.node()?;
+        match &node.clients {
+            Clients::One { resp3, .. } => {
+                let conn = self.open(backend, resp3, &alive, &[]).await?;
+                Ok(Live {
+                    read: Conn::Plain(conn.clone()),
+                    watched: vec![conn],
+                    alive,
+                    generation: node.generation,
+                    primaries: Vec::new(),
+                })
+            }
+            Clients::Cluster { .. } => {
+                let prefix = format!("{}:c:", backend.prefix());
+                let primaries = cluster_primaries(backend).await?;
+                let mut watched = Vec::new();
+                for (host, port) in &primaries {
+                    let client = backend.client_for(host, *port, true)?;
+                    let conn = self
+                        .open(backend, &client, &alive, &["BCAST", "PREFIX", &prefix])
+                        .await?;
+                    watched.push(conn);
+                }
+                Ok(Live {
+                    read: node.conn.clone(),
+                    watched,
+                    alive,
+                    generation: node.generation,
+                    primaries,
+                })
+            }
+        }
+    }
+
+    /// Pings until a ping fails or times out; returns why. On a cluster it asks
+    /// `ROLE` instead (a tracking connection to a demoted primary hears nothing of
+    /// the writes that now go elsewhere) and, every second, whether the primaries
+    /// are still the ones tracking was turned on at.
     async fn heartbeat(
         &self,
         backend: &Backend,
         live: &Live,
         shutdown: &CancellationToken,
     ) -> &'static str {
-        let mut conn = live.conn.clone();
+        let cluster = !live.primaries.is_empty();
+        let mut beats = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return "shutdown",
@@ -185,14 +250,46 @@ impl Tracking {
             if !live.alive.load(Ordering::Acquire) {
                 return "the connection closed";
             }
-            let ping = redis::cmd("PING");
-            match tokio::time::timeout(HEARTBEAT_TIMEOUT, ping.query_async::<Value>(&mut conn))
-                .await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return "the connection failed",
-                Err(_) => return "the heartbeat went unanswered",
+            for conn in &live.watched {
+                let mut conn = conn.clone();
+                let cmd = redis::cmd(if cluster { "ROLE" } else { "PING" });
+                match tokio::time::timeout(HEARTBEAT_TIMEOUT, cmd.query_async::<Value>(&mut conn))
+                    .await
+                {
+                    Ok(Ok(Value::Array(role)))
+                        if cluster
+                            && !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") =>
+                    {
+                        return "a tracked node is no longer a primary";
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return "the connection failed",
+                    Err(_) => return "the heartbeat went unanswered",
+                }
+            }
+            beats += 1;
+            if cluster && beats.is_multiple_of(4) {
+                match tokio::time::timeout(HEARTBEAT_TIMEOUT, cluster_primaries(backend)).await {
+                    Ok(Ok(now)) if now == live.primaries => {}
+                    Ok(Ok(_)) => return "the cluster's primaries changed",
+                    _ => return "the cluster's primaries could not be read",
+                }
             }
         }
     }
+}
+
+/// The cluster's primaries, sorted (so two answers compare equal).
+async fn cluster_primaries(backend: &Backend) -> Result<Vec<(String, u16)>, BackendError> {
+    let mut out: Vec<(String, u16)> = backend
+        .primaries()
+        .await?
+        .into_iter()
+        .filter_map(|p| match p {
+            Primary::At(h, port) => Some((h, port)),
+            Primary::Only => None,
+        })
+        .collect();
+    out.sort();
+    Ok(out)
 }

@@ -260,6 +260,9 @@ impl CacheService {
         let cfg = &ctx.config.cache;
         let ks = self.keyspace(cfg, ctx.peer)?;
         let sid = ctx.session.id;
+        if self.backend.is_cluster() {
+            hashable_on_a_cluster(req)?;
+        }
         let result = match req.op() {
             "cache.get" => self.get(cfg, &ks, sid, req).await,
             "cache.mget" => {
@@ -846,6 +849,34 @@ fn invalid(field: &'static str, message: impl Into<String>) -> CacheError {
         field,
         message: message.into(),
     }
+}
+
+/// On a Redis Cluster a key or tag that begins with `}` would give its Redis keys an
+/// empty hash tag: Redis would hash each whole, putting a key's value and lease (or
+/// a tag's two sets) in different slots, where no script can touch both.
+fn hashable_on_a_cluster(req: &Request) -> Result<(), CacheError> {
+    let one = |field: &'static str, k: &str| {
+        if k.starts_with('}') {
+            Err(invalid(
+                field,
+                "on a Redis Cluster a key or tag may not begin with `}` (Redis would hash its value and lease to different slots)",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Ok(Some(k)) = req.opt_str("key") {
+        one("key", k)?;
+    }
+    for (field, list) in [
+        ("keys", req.opt_str_list("keys")),
+        ("tags", req.opt_str_list("tags")),
+    ] {
+        for k in list.ok().flatten().unwrap_or_default() {
+            one(field, k)?;
+        }
+    }
+    Ok(())
 }
 
 fn checked_key<'a>(

@@ -122,6 +122,8 @@ pub struct RedisConfig {
     /// `sentinel_master`; the daemon follows failovers by itself.
     pub sentinel_nodes: Vec<String>,
     pub sentinel_master: String,
+    /// Cluster mode: seed nodes (`host:port`); the rest of the cluster is discovered.
+    pub cluster_nodes: Vec<String>,
     /// The TLS files' contents, read once when the config is loaded.
     #[serde(skip)]
     pub tls_files: Option<Arc<RedisTlsFiles>>,
@@ -135,6 +137,19 @@ pub struct RedisTlsFiles {
     pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Every entry of `nodes` is `host:port`.
+fn host_ports(key: &'static str, nodes: &[String]) -> Result<(), ConfigError> {
+    for node in nodes {
+        let ok = node
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(invalid(key, format!("{node:?} is not host:port")));
+        }
+    }
+    Ok(())
+}
+
 /// Which shape of Redis the daemon talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisMode {
@@ -142,11 +157,17 @@ pub enum RedisMode {
     Single,
     /// A master found through sentinels, followed across failovers.
     Sentinel { nodes: Vec<String>, master: String },
+    /// A Redis Cluster, found from seed nodes.
+    Cluster { nodes: Vec<String> },
 }
 
 impl RedisConfig {
     pub fn mode(&self) -> RedisMode {
-        if self.sentinel_nodes.is_empty() {
+        if !self.cluster_nodes.is_empty() {
+            RedisMode::Cluster {
+                nodes: self.cluster_nodes.clone(),
+            }
+        } else if self.sentinel_nodes.is_empty() {
             RedisMode::Single
         } else {
             RedisMode::Sentinel {
@@ -158,6 +179,23 @@ impl RedisConfig {
 
     /// One mode at a time, each complete.
     fn validate_mode(&self) -> Result<(), ConfigError> {
+        if !self.cluster_nodes.is_empty() {
+            if !self.sentinel_nodes.is_empty() || !self.sentinel_master.is_empty() {
+                return Err(invalid(
+                    "redis.cluster_nodes",
+                    "choose one: redis.cluster_nodes (a Redis Cluster) or redis.sentinel_nodes (Sentinel), not both",
+                ));
+            }
+            if self.url != DEFAULT_REDIS_URL {
+                return Err(invalid(
+                    "redis.url",
+                    "choose one: redis.url (one server) or redis.cluster_nodes (a Redis Cluster); \
+                     remove redis.url / SATCHEL_REDIS_URL, and use redis.tls, redis.username and \
+                     redis.password for what the URL said",
+                ));
+            }
+            return host_ports("redis.cluster_nodes", &self.cluster_nodes);
+        }
         if self.sentinel_nodes.is_empty() {
             if !self.sentinel_master.is_empty() {
                 return Err(invalid(
@@ -181,18 +219,7 @@ impl RedisConfig {
                  redis.username and redis.password for what the URL said",
             ));
         }
-        for node in &self.sentinel_nodes {
-            let ok = node
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
-                return Err(invalid(
-                    "redis.sentinel_nodes",
-                    format!("{node:?} is not host:port"),
-                ));
-            }
-        }
-        Ok(())
+        host_ports("redis.sentinel_nodes", &self.sentinel_nodes)
     }
 
     /// Reads the TLS files the section names, once, so that a missing file is an error
@@ -353,6 +380,7 @@ impl Default for RedisConfig {
             password: String::new(),
             sentinel_nodes: Vec::new(),
             sentinel_master: String::new(),
+            cluster_nodes: Vec::new(),
             tls_files: None,
         }
     }
@@ -779,6 +807,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad.contains("not host:port"), "{bad}");
+        let both = load_str(
+            "[redis]\ncluster_nodes = [\"c:7000\"]\nsentinel_nodes = [\"s:26379\"]\nsentinel_master = \"m\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("redis.cluster_nodes"), "{both}");
+        let c = load_str("", &[("SATCHEL_REDIS_CLUSTER_NODES", "c1:7000,c2:7001")]).unwrap();
+        assert_eq!(
+            c.redis.mode(),
+            RedisMode::Cluster {
+                nodes: vec!["c1:7000".into(), "c2:7001".into()]
+            }
+        );
         let ack = load_str("[mail]\nreplica_ack_timeout_ms = 0\n", &[])
             .unwrap_err()
             .to_string();

@@ -171,7 +171,7 @@ impl MailService {
     ) -> Result<Arc<MailService>, String> {
         let cfg = config.load();
         Ok(Arc::new(MailService {
-            queue: Queue::new(backend.prefix()),
+            queue: Queue::new(backend.prefix(), backend.is_cluster()),
             enqueuer: Arc::default(),
             transport: Arc::new(Transport::from_config(&cfg.mail)?),
             counters: MailCounters::default(),

@@ -530,8 +530,15 @@ fn status_of(v: Option<&Value>) -> Option<MailStatus> {
 }
 
 impl Queue {
-    pub fn new(redis_prefix: &str) -> Queue {
-        let base = format!("{redis_prefix}:m");
+    /// The queue's keys start with `<prefix>:m`; on a Redis Cluster with
+    /// `{<prefix>:m}`, a hash tag that puts every mail key in one slot, so each
+    /// transition stays one atomic script there too.
+    pub fn new(redis_prefix: &str, cluster: bool) -> Queue {
+        let base = if cluster {
+            format!("{{{redis_prefix}:m}}")
+        } else {
+            format!("{redis_prefix}:m")
+        };
         Queue {
             stream: format!("{base}:stream"),
             sched: format!("{base}:sched"),
@@ -615,7 +622,9 @@ impl Queue {
         let (v, replicas): (Value, _) = match ack {
             None => (backend.invoke(&inv).await?, None),
             Some((want, timeout)) => {
-                let (v, n) = backend.invoke_acked(&inv, want, timeout).await?;
+                let (v, n) = backend
+                    .invoke_acked(&inv, &self.stream, want, timeout)
+                    .await?;
                 (v, Some(n))
             }
         };
