@@ -16,14 +16,14 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::stats::{Samples, Summary};
 use crate::{Proc, rt, run_pipelined, satchel_bin, wait_for_socket, wire};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
 }
 
-fn wait_tcp(port: u16) {
+pub(crate) fn wait_tcp(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -34,7 +34,7 @@ fn wait_tcp(port: u16) {
     panic!("nothing listens on port {port}");
 }
 
-fn start_redis(dir: &Path) -> (Proc, String) {
+pub(crate) fn start_redis(dir: &Path) -> (Proc, String) {
     let port = free_port();
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -149,7 +149,7 @@ fn html_1k() -> String {
     s
 }
 
-fn send_frame(id: u64, to: &str, extra_header: Option<(&str, &str)>) -> Vec<u8> {
+pub(crate) fn send_frame(id: u64, to: &str, extra_header: Option<(&str, &str)>) -> Vec<u8> {
     let mut w = Writer::new();
     w.map(5 + extra_header.is_some() as u32)
         .str("id")

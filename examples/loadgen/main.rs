@@ -8,6 +8,7 @@
 //! one after the other, and prints ratios.
 
 mod cache;
+mod cluster;
 mod fanout;
 mod invalidation;
 mod mail;
@@ -25,7 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen ping|cache|mail|fanout|invalidation|soak [--secs N] [--runs N] [--rate OPS]\n  (invalidation: --runs is the number of writes)"
+        "usage: loadgen ping|cache|mail|cluster|fanout|invalidation|soak [--secs N] [--runs N] [--rate OPS]\n  (invalidation: --runs is the number of writes)"
     );
     std::process::exit(2)
 }
@@ -57,6 +58,7 @@ fn main() {
             soak::run(secs, rate)
         }
         Some("mail") => mail::mail(Duration::from_secs(secs), runs),
+        Some("cluster") => cluster::run(Duration::from_secs(secs), runs),
         Some("fanout") => fanout::run(Duration::from_secs(secs), runs),
         Some("invalidation") => invalidation::run(runs),
         Some("--echo-server") => echo_server(Path::new(
