@@ -199,3 +199,52 @@ fn mail_queued_without_an_owner_is_visible_to_admins_only() {
     assert_eq!(code, 0, "an admin (root, the default) sees it");
     assert!(st.get("uid").is_none(), "no owner to name: {st}");
 }
+
+/// `mail events --since 0 --json` as `uid`: the events, one JSON object per line.
+fn events(socket: &std::path::Path, uid: Option<u32>) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(satchel_bin());
+    cmd.args(["mail", "events", "--since", "0", "--json", "--socket"])
+        .arg(socket);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("run satchel");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect()
+}
+
+#[test]
+fn each_app_follows_only_its_own_mails_events() {
+    assert!(
+        nix::unistd::getuid().is_root(),
+        "this test runs clients as other uids and must run as root (CI does)"
+    );
+    let redis = RedisServer::start();
+    let daemon = Daemon::start(
+        &redis.url(),
+        &[
+            ("SATCHEL_MAIL_ENABLED", "false"),
+            ("SATCHEL_MAIL_ISOLATE_BY_UID", "true"),
+            ("SATCHEL_SERVER_SOCKET_MODE", "0666"),
+        ],
+    );
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = daemon.socket.as_path();
+    let a_mail = send(s, Some(APP_A), "ann@example.com", &[]);
+    let b_mail = send(s, Some(APP_B), "bob@example.com", &[]);
+    let a_events = events(s, Some(APP_A));
+    assert_eq!(a_events.len(), 1, "{a_events:?}");
+    assert_eq!(a_events[0]["mail_id"], a_mail.as_str());
+    assert!(a_events[0].get("uid").is_none(), "{a_events:?}");
+    let b_events = events(s, Some(APP_B));
+    assert_eq!(b_events.len(), 1, "{b_events:?}");
+    assert_eq!(b_events[0]["mail_id"], b_mail.as_str());
+    // The operator sees both, each with its owner.
+    let all = events(s, None);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0]["uid"], APP_A);
+    assert_eq!(all[1]["uid"], APP_B);
+}

@@ -127,4 +127,18 @@ pub enum MailCommand {
     Retry { mail_id: String },
     /// Cancel a queued, scheduled or retrying mail.
     Cancel { mail_id: String },
+    /// Print mail events (status transitions), oldest first: those after --since,
+    /// else (with --follow) the new ones from now on. Each line ends with the event's
+    /// id; pass the last one as --since to resume.
+    Events {
+        /// Resume after this event id (`0`: from the oldest kept).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep waiting for new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Only this mail's events.
+        #[arg(long)]
+        mail_id: Option<String>,
+    },
 }

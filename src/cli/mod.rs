@@ -37,13 +37,14 @@ pub fn main(cmd: ClientCommand, global: Global) -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         let client = Client::connect(global.client_socket()).await?;
-        run::run(cmd, client).await
+        run::run(cmd, client, global.json).await
     });
     match outcome {
         Ok(Outcome::Value(value)) => {
             output::value(&value, global.json);
             ExitCode::SUCCESS
         }
+        Ok(Outcome::Printed) => ExitCode::SUCCESS,
         Ok(Outcome::NotFound(what)) => {
             output::error(&what);
             ExitCode::from(3)

@@ -10,11 +10,13 @@ use crate::client::{Client, ClientError};
 /// What a client command produced.
 pub enum Outcome {
     Value(Value),
+    /// It printed as it went (`mail events`).
+    Printed,
     /// Nothing there (a cache miss, an unknown id): exit 3.
     NotFound(String),
 }
 
-pub async fn run(cmd: ClientCommand, client: Client) -> Result<Outcome, ClientError> {
+pub async fn run(cmd: ClientCommand, client: Client, json: bool) -> Result<Outcome, ClientError> {
     match cmd {
         ClientCommand::Ping => {
             let started = std::time::Instant::now();
@@ -34,7 +36,7 @@ pub async fn run(cmd: ClientCommand, client: Client) -> Result<Outcome, ClientEr
             Ok(Outcome::Value(Value::from(text)))
         }
         ClientCommand::Cache(cmd) => cache(cmd, client).await,
-        ClientCommand::Mail(cmd) => mail(cmd, client).await,
+        ClientCommand::Mail(cmd) => mail(cmd, client, json).await,
     }
 }
 
@@ -81,8 +83,13 @@ async fn cache(cmd: CacheCommand, c: Client) -> Result<Outcome, ClientError> {
     })
 }
 
-async fn mail(cmd: MailCommand, c: Client) -> Result<Outcome, ClientError> {
+async fn mail(cmd: MailCommand, c: Client, json: bool) -> Result<Outcome, ClientError> {
     Ok(Outcome::Value(match cmd {
+        MailCommand::Events {
+            since,
+            follow,
+            mail_id,
+        } => return events(&c, since, follow, mail_id, json).await,
         MailCommand::Send(args) => {
             let q = c.mail_send(&mail_of(args)?).await?;
             Value::Map(vec![
@@ -100,6 +107,61 @@ async fn mail(cmd: MailCommand, c: Client) -> Result<Outcome, ClientError> {
             "not cancelled (already sending or finished)"
         }),
     }))
+}
+
+/// `mail events`: one poll, or (`--follow`) long polls until interrupted; each event
+/// printed as it comes (a JSON object per line with `--json`).
+async fn events(
+    c: &Client,
+    since: Option<String>,
+    follow: bool,
+    mail_id: Option<String>,
+    json: bool,
+) -> Result<Outcome, ClientError> {
+    // Without --follow and --since there is nothing "new from now" to print yet.
+    let mut cursor = match (&since, follow) {
+        (None, false) => Some("0".to_owned()),
+        _ => since,
+    };
+    loop {
+        let wait = follow.then_some(30_000);
+        let (events, next) = c
+            .mail_events(cursor.as_deref(), Some(1000), wait, mail_id.as_deref())
+            .await?;
+        for e in &events {
+            if json {
+                super::output::line(&super::output::to_json(e).to_string());
+            } else {
+                super::output::line(&event_line(e));
+            }
+        }
+        cursor = Some(next);
+        if !follow && events.is_empty() {
+            return Ok(Outcome::Printed);
+        }
+    }
+}
+
+/// `<at> <status> <mail_id> attempts=<n> [class=…] [error=…] <event_id>`.
+fn event_line(e: &Value) -> String {
+    let f = |k: &str| crate::client::get(e, k);
+    let s = |k: &str| f(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let mut out = format!(
+        "{} {:<10} {} attempts={}",
+        f("at_ms").and_then(Value::as_u64).unwrap_or(0),
+        s("status"),
+        s("mail_id"),
+        f("attempts").and_then(Value::as_u64).unwrap_or(0)
+    );
+    for k in ["class", "error"] {
+        let v = s(k);
+        if !v.is_empty() {
+            out.push_str(&format!(" {k}={v:?}"));
+        }
+    }
+    out.push(' ');
+    out.push_str(&s("event_id"));
+    out
 }
 
 /// The arguments of `mail send` as a [`crate::client::Mail`], reading attachments.

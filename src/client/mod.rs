@@ -749,6 +749,37 @@ impl Client {
         Ok(text_of(&r, "status"))
     }
 
+    /// `mail.events`: events after `since` (None: only new ones from now; `"0"`: from
+    /// the oldest kept), waiting up to `wait_ms` for the first; the events and the
+    /// cursor to pass as the next `since`.
+    pub async fn mail_events(
+        &self,
+        since: Option<&str>,
+        limit: Option<u64>,
+        wait_ms: Option<u64>,
+        mail_id: Option<&str>,
+    ) -> Result<(Vec<Value>, String), ClientError> {
+        let mut fields = Vec::new();
+        if let Some(s) = since {
+            fields.push(("since", Value::from(s)));
+        }
+        if let Some(l) = limit {
+            fields.push(("limit", Value::from(l)));
+        }
+        if let Some(w) = wait_ms {
+            fields.push(("wait_ms", Value::from(w)));
+        }
+        if let Some(m) = mail_id {
+            fields.push(("mail_id", Value::from(m)));
+        }
+        let r = self.call("mail.events", fields).await?;
+        let events = get(&r, "events")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        Ok((events, text_of(&r, "cursor")))
+    }
+
     /// `mail.dead`: dead mail, newest first.
     pub async fn mail_dead(&self, limit: Option<u64>) -> Result<Vec<Value>, ClientError> {
         let fields = limit

@@ -75,6 +75,8 @@ pub struct MailConfig {
     pub min_replicas_ack: u64,
     /// How long `mail.send` waits for `min_replicas_ack` replicas.
     pub replica_ack_timeout_ms: u64,
+    /// The event stream (`mail.events`) keeps about this many events (`MAXLEN ~`).
+    pub events_max: u64,
 }
 
 /// `smtp_url` in the file and the environment is a string, `""` meaning none.
@@ -128,6 +130,7 @@ impl Default for MailConfig {
             admin_uids: vec![0],
             min_replicas_ack: 0,
             replica_ack_timeout_ms: 200,
+            events_max: 100_000,
         }
     }
 }
@@ -195,6 +198,7 @@ impl MailConfig {
             ("status_retention_ms", self.status_retention_ms),
             ("smtp_connect_timeout_ms", self.smtp_connect_timeout_ms),
             ("smtp_command_timeout_ms", self.smtp_command_timeout_ms),
+            ("events_max", self.events_max),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -16,6 +16,7 @@
 //! → cancelled` by `mail.cancel`.
 
 pub mod batch;
+pub mod events;
 pub mod file;
 pub mod message;
 mod qp;
@@ -51,10 +52,15 @@ pub const OPS: &[&str] = &[
     "mail.cancel",
     "mail.retry",
     "mail.dead",
+    "mail.events",
 ];
 
 /// Longest accepted idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Default and cap of `mail.events {limit}`, and the longest `wait_ms`.
+const EVENTS_DEFAULT_LIMIT: u64 = 100;
+const EVENTS_MAX_LIMIT: u64 = 1000;
+const EVENTS_MAX_WAIT_MS: i64 = 30_000;
 /// Default and cap of `mail.dead {limit}`.
 const DEAD_DEFAULT_LIMIT: u64 = 100;
 const DEAD_MAX_LIMIT: u64 = 1000;
@@ -152,6 +158,8 @@ pub struct MailService {
     /// small host; more would only queue, holding their messages in memory.
     render_slots: Arc<tokio::sync::Semaphore>,
     pub counters: MailCounters,
+    /// Wakes `mail.events` long polls.
+    tail: events::Tail,
     /// This daemon's consumer name in the group: unique per process.
     consumer: String,
 }
@@ -171,10 +179,11 @@ impl MailService {
     ) -> Result<Arc<MailService>, String> {
         let cfg = config.load();
         Ok(Arc::new(MailService {
-            queue: Queue::new(backend.prefix(), backend.is_cluster()),
+            queue: Queue::new(backend.prefix(), backend.is_cluster(), cfg.mail.events_max),
             enqueuer: Arc::default(),
             transport: Arc::new(Transport::from_config(&cfg.mail)?),
             counters: MailCounters::default(),
+            tail: events::Tail::default(),
             render_slots: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             )),
@@ -219,6 +228,7 @@ impl MailService {
             "mail.cancel" => self.cancel(ctx, req).await,
             "mail.retry" => self.retry(ctx, req).await,
             "mail.dead" => self.dead(ctx, req).await,
+            "mail.events" => self.events(ctx, req).await,
             other => Err(OpError::new(
                 ErrorCode::UnknownOp,
                 format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -239,6 +249,12 @@ impl Service for MailService {
 
     fn start(self: Arc<Self>, tasks: &TaskTracker, shutdown: &CancellationToken) {
         self.enqueuer.start(tasks);
+        let (me, token) = (self.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            me.tail
+                .run(me.backend.clone(), me.queue.clone(), token)
+                .await
+        });
         tasks.spawn(worker::run(
             self.clone(),
             shutdown.child_token(),
@@ -272,6 +288,12 @@ struct SendResult {
     /// Replicas holding the mail, when `mail.min_replicas_ack` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     replicas: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct EventsResult {
+    events: Vec<events::Event>,
+    cursor: String,
 }
 
 #[derive(Serialize)]
@@ -522,6 +544,56 @@ impl MailService {
                 status,
             }
             .into()),
+        }
+    }
+
+    async fn events(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        let limit = match req.opt_positive("limit")? {
+            Some(n) if n > EVENTS_MAX_LIMIT => {
+                return Err(OpError::bad_request(
+                    "limit",
+                    format!("limit is at most {EVENTS_MAX_LIMIT}"),
+                ));
+            }
+            Some(n) => n,
+            None => EVENTS_DEFAULT_LIMIT,
+        };
+        let wait_ms = match req.opt_int("wait_ms")? {
+            Some(ms) if !(0..=EVENTS_MAX_WAIT_MS).contains(&ms) => {
+                return Err(OpError::bad_request(
+                    "wait_ms",
+                    format!("wait_ms must be 0..={EVENTS_MAX_WAIT_MS}"),
+                ));
+            }
+            Some(ms) => ms as u64,
+            None => 0,
+        };
+        let mail_id = req.opt_str("mail_id")?;
+        let since = req.opt_str("since")?;
+        let (scope, admin) = scope_of(ctx)?;
+        let poll = events::Poll {
+            since,
+            limit: limit as usize,
+            wait: std::time::Duration::from_millis(wait_ms),
+            mail_id,
+            scope,
+            admin,
+        };
+        match self
+            .queue
+            .poll_events(&self.backend, &self.tail, poll)
+            .await
+        {
+            Ok((events, cursor)) => encode(&EventsResult { events, cursor }),
+            Err(events::CursorError::Malformed) => Err(OpError::bad_request(
+                "since",
+                "since must be a cursor from an earlier mail.events answer (<ms>-<seq>), or 0 for the oldest kept",
+            )),
+            Err(events::CursorError::Expired) => Err(OpError::bad_request(
+                "since",
+                "the cursor is older than the oldest event kept (mail.events_max); start again without since, or with 0",
+            )),
+            Err(events::CursorError::Backend(e)) => Err(e.into()),
         }
     }
 

@@ -69,6 +69,18 @@ end
 local function visible(sk, owner)
   return owner == '' or redis.call('HGET', sk, 'owner') == owner
 end
+-- The event of a transition, in the same script as the transition (so it exists
+-- exactly when the transition happened). The events stream is the last key of
+-- every script that calls this; EVENTS_MAX is mail.events_max.
+local function emit(sk, id, status, err, class)
+  local f = redis.call('HMGET', sk, 'attempts', 'to', 'owner')
+  local a = {'mail_id', id, 'status', status, 'attempts', f[1] or '0', 'at_ms', now}
+  if f[2] then a[#a + 1] = 'to'; a[#a + 1] = f[2] end
+  if f[3] then a[#a + 1] = 'owner'; a[#a + 1] = f[3] end
+  if err and err ~= '' then a[#a + 1] = 'error'; a[#a + 1] = err end
+  if class and class ~= '' then a[#a + 1] = 'class'; a[#a + 1] = class end
+  redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', EVENTS_MAX, '*', unpack(a))
+end
 ";
 
 const ACK: &str = "local function ack(stream, group, id) if id ~= '' then redis.call('XACK', stream, group, id); redis.call('XDEL', stream, id) end end
@@ -105,7 +117,7 @@ end
 
 /// Enqueues a batch of mails in one call (group commit: concurrent `mail.send`s share
 /// one script run, which costs Redis far less per mail than one run each).
-/// KEYS: stream, sched, counts.  ARGV: idem_ttl_ms, retention_ms, status key prefix,
+/// KEYS: stream, sched, counts, events.  ARGV: idem_ttl_ms, retention_ms, status key prefix,
 /// idempotency key prefix, then per mail ENQUEUE_ARGS values: mail_id, send_at_ms
 /// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw
 /// ('' when the message is in its body key), body ('1' when it is), owner (the
@@ -150,6 +162,7 @@ for j = 5, #ARGV, 11 do
       redis.call('XADD', KEYS[1], '*', 'id', id, 'raw', ARGV[j + 8])
     end
     added[status] = added[status] + 1
+    emit(sk, id, status)
     out[#out + 1] = id; out[#out + 1] = status; out[#out + 1] = 0
   end
 end
@@ -159,7 +172,7 @@ end
 return out
 "#;
 
-/// KEYS: sched, stream, counts.  ARGV: status key prefix, limit.
+/// KEYS: sched, stream, counts, events.  ARGV: status key prefix, limit.
 const MOVE_DUE: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
@@ -172,13 +185,14 @@ for _, id in ipairs(due) do
     redis.call('HINCRBY', KEYS[3], st, -1)
     redis.call('HINCRBY', KEYS[3], 'queued', 1)
     requeue(KEYS[2], sk, id)
+    emit(sk, id, 'queued')
   end
 end
 return #due
 "#;
 
 /// Starts a delivery attempt for a stream entry.
-/// KEYS: status, counts, stream, dead.  ARGV: max_attempts, group, entry id,
+/// KEYS: status, counts, stream, dead, events.  ARGV: max_attempts, group, entry id,
 /// retention_ms, mail_id, where the message is: 'raw' (in the entry), 'body' (in
 /// the body key), '' (in the hash, for entries of satchel 0.1).
 /// → {'go', attempts, from, rcpt, raw ('' unless it came from the hash)} |
@@ -208,6 +222,7 @@ if reason then
   expire_all(KEYS[1], ARGV[4])
   keep_raw(KEYS[3], ARGV[3], KEYS[1])
   ack(KEYS[3], ARGV[2], ARGV[3])
+  emit(KEYS[1], ARGV[5], 'dead', reason)
   return {'dead', reason}
 end
 redis.call('HSET', KEYS[1], 'status', 'sending', 'attempts', attempts + 1, 'updated_ms', now)
@@ -215,6 +230,7 @@ if st ~= 'sending' then
   redis.call('HINCRBY', KEYS[2], st, -1)
   redis.call('HINCRBY', KEYS[2], 'sending', 1)
 end
+emit(KEYS[1], ARGV[5], 'sending')
 local f = redis.call('HMGET', KEYS[1], 'from', 'rcpt')
 return {'go', attempts + 1, f[1] or '', f[2] or '', raw}
 "#;
@@ -222,7 +238,7 @@ return {'go', attempts + 1, f[1] or '', f[2] or '', raw}
 /// Ends a delivery attempt. The status is written before the ack: if we die in
 /// between, the entry is reclaimed, BEGIN sees the final status, and acks it without
 /// a second delivery.
-/// KEYS: status, counts, stream, sched, dead.  ARGV: outcome (sent|retry|dead), group,
+/// KEYS: status, counts, stream, sched, dead, events.  ARGV: outcome (sent|retry|dead), group,
 /// entry id, retention_ms, last_error, delay_ms, new rcpt ('' = keep), mail_id, refused.
 const FINISH: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -251,10 +267,13 @@ end
 if ARGV[1] ~= 'sent' then keep_raw(KEYS[3], ARGV[3], KEYS[1]) end
 expire_all(KEYS[1], ttl)
 ack(KEYS[3], ARGV[2], ARGV[3])
+local final = {sent = 'sent', retry = 'retrying'}
+if ARGV[1] == 'sent' then emit(KEYS[1], ARGV[8], 'sent')
+else emit(KEYS[1], ARGV[8], final[ARGV[1]] or 'dead', ARGV[5]) end
 return 1
 "#;
 
-/// KEYS: status, sched, counts.  ARGV: mail_id, retention_ms, owner ('' = any).
+/// KEYS: status, sched, counts, events.  ARGV: mail_id, retention_ms, owner ('' = any).
 /// → -1 unknown (or another uid's), 0 no, 1 yes
 const CANCEL: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -268,10 +287,11 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], st, -1)
 redis.call('HINCRBY', KEYS[3], 'cancelled', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+emit(KEYS[1], ARGV[1], 'cancelled')
 return 1
 "#;
 
-/// KEYS: status, stream, dead, counts.  ARGV: mail_id, owner ('' = any). (Queued
+/// KEYS: status, stream, dead, counts, events.  ARGV: mail_id, owner ('' = any). (Queued
 /// again, the record has no expiry.) → -1 unknown (or another uid's), 1 requeued,
 /// or the current status (not dead).
 const RETRY: &str = r#"
@@ -284,6 +304,7 @@ rem_dead(KEYS[3], KEYS[1], ARGV[1])
 requeue(KEYS[2], KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'dead', -1)
 redis.call('HINCRBY', KEYS[4], 'queued', 1)
+emit(KEYS[1], ARGV[1], 'queued')
 return 1
 "#;
 
@@ -306,6 +327,8 @@ pub struct Queue {
     dead: String,
     counts: String,
     rate: String,
+    /// The event stream (`mail.events`).
+    pub events: String,
     enqueue: Script,
     move_due: Script,
     begin: Script,
@@ -492,13 +515,14 @@ impl Counts {
     }
 }
 
-/// A script: the clock, the helper functions it uses, then its body.
-fn script(body: &str, helpers: &[&str]) -> Script {
-    Script::new(&script_text(body, helpers))
+/// A script: the clock, the events' cap, the helper functions it uses, then its body.
+fn script(body: &str, helpers: &[&str], events_max: u64) -> Script {
+    Script::new(&script_text(body, helpers, events_max))
 }
 
-fn script_text(body: &str, helpers: &[&str]) -> String {
+fn script_text(body: &str, helpers: &[&str], events_max: u64) -> String {
     let mut s = String::from(NOW);
+    s.push_str(&format!("local EVENTS_MAX = {events_max}\n"));
     s.push_str(BODY);
     for h in helpers {
         s.push_str(h);
@@ -514,7 +538,7 @@ pub fn script_sources() -> Vec<String> {
         ENQUEUE, MOVE_DUE, BEGIN, FINISH, CANCEL, RETRY, REQUEUE, ACK,
     ]
     .iter()
-    .map(|b| script_text(b, &[]))
+    .map(|b| script_text(b, &[], 100_000))
     .collect()
 }
 
@@ -533,7 +557,7 @@ impl Queue {
     /// The queue's keys start with `<prefix>:m`; on a Redis Cluster with
     /// `{<prefix>:m}`, a hash tag that puts every mail key in one slot, so each
     /// transition stays one atomic script there too.
-    pub fn new(redis_prefix: &str, cluster: bool) -> Queue {
+    pub fn new(redis_prefix: &str, cluster: bool, events_max: u64) -> Queue {
         let base = if cluster {
             format!("{{{redis_prefix}:m}}")
         } else {
@@ -545,13 +569,14 @@ impl Queue {
             dead: format!("{base}:dead"),
             counts: format!("{base}:counts"),
             rate: format!("{base}:rate"),
-            enqueue: script(ENQUEUE, &[]),
-            move_due: script(MOVE_DUE, &[REQUEUE]),
-            begin: script(BEGIN, &[ACK]),
-            finish: script(FINISH, &[ACK]),
-            cancel: script(CANCEL, &[]),
-            retry: script(RETRY, &[REQUEUE]),
-            rate_script: script(RATE, &[]),
+            events: format!("{base}:events"),
+            enqueue: script(ENQUEUE, &[], events_max),
+            move_due: script(MOVE_DUE, &[REQUEUE], events_max),
+            begin: script(BEGIN, &[ACK], events_max),
+            finish: script(FINISH, &[ACK], events_max),
+            cancel: script(CANCEL, &[], events_max),
+            retry: script(RETRY, &[REQUEUE], events_max),
+            rate_script: script(RATE, &[], events_max),
             base,
         }
     }
@@ -600,6 +625,7 @@ impl Queue {
         inv.key(&self.stream)
             .key(&self.sched)
             .key(&self.counts)
+            .key(&self.events)
             .arg(idem_ttl_ms)
             .arg(retention_ms)
             .arg(self.status_prefix())
@@ -653,6 +679,7 @@ impl Queue {
                     .key(&self.sched)
                     .key(&self.stream)
                     .key(&self.counts)
+                    .key(&self.events)
                     .arg(self.status_prefix())
                     .arg(limit),
             )
@@ -673,6 +700,7 @@ impl Queue {
                     .key(&self.counts)
                     .key(&self.stream)
                     .key(&self.dead)
+                    .key(&self.events)
                     .arg(max_attempts)
                     .arg(GROUP)
                     .arg(&entry.id)
@@ -728,6 +756,7 @@ impl Queue {
                     .key(&self.stream)
                     .key(&self.sched)
                     .key(&self.dead)
+                    .key(&self.events)
                     .arg(kind)
                     .arg(GROUP)
                     .arg(&entry.id)
@@ -756,6 +785,7 @@ impl Queue {
                     .key(self.status_key(mail_id))
                     .key(&self.sched)
                     .key(&self.counts)
+                    .key(&self.events)
                     .arg(mail_id)
                     .arg(retention_ms)
                     .arg(scope.owner_arg()),
@@ -781,6 +811,7 @@ impl Queue {
                     .key(&self.stream)
                     .key(&self.dead)
                     .key(&self.counts)
+                    .key(&self.events)
                     .arg(mail_id)
                     .arg(scope.owner_arg()),
             )
