@@ -185,12 +185,31 @@ export interface DeadMail {
   [key: string]: unknown;
 }
 
+export interface MailEvent {
+  eventId: string;
+  mailId: string;
+  status: string;
+  attempts: number;
+  atMs: number;
+  to?: string[];
+  error?: string;
+  class?: string;
+  uid?: number;
+  [key: string]: unknown;
+}
+
+export interface EventStream extends AsyncIterableIterator<MailEvent> {
+  /** Where to resume: pass as `since` to a new stream. */
+  readonly cursor: string | undefined;
+}
+
 export interface MailApi {
   send(mail: Mail): Promise<SendResult>;
   status(mailId: string): Promise<MailStatus>;
   cancel(mailId: string): Promise<{ cancelled: boolean; [key: string]: unknown }>;
   retry(mailId: string): Promise<{ status: string; [key: string]: unknown }>;
   dead(opts?: { limit?: number }): Promise<DeadMail[]>;
+  events(opts?: { since?: string; mailId?: string; follow?: boolean; waitMs?: number }): EventStream;
 }
 
 export class SatchelClient {

@@ -106,6 +106,20 @@ function isPlainObject(v) {
 
 // Result maps come back snake_case; JS callers get camelCase. Header maps are data, not
 // field names, so they are left alone.
+/**
+ * Mail records' times (`…Ms`) and `attempts` as numbers: Unix ms need more than 32
+ * bits, so they arrive as 64-bit ints (BigInt with `useBigInt64`), yet stay far below
+ * 2^53. Applied after camelKeys to status, dead and event records.
+ */
+function mailNumbers(v) {
+  if (Array.isArray(v)) return v.map(mailNumbers);
+  if (!isPlainObject(v)) return v;
+  for (const [k, val] of Object.entries(v)) {
+    if (typeof val === 'bigint' && (k.endsWith('Ms') || k === 'attempts')) v[k] = Number(val);
+  }
+  return v;
+}
+
 function camelKeys(v) {
   if (Array.isArray(v)) return v.map(camelKeys);
   if (!isPlainObject(v)) return v;
@@ -847,7 +861,7 @@ class MailApi {
   }
 
   async status(mailId) {
-    return camelKeys(await this.client.request('mail.status', { mail_id: mailId }));
+    return mailNumbers(camelKeys(await this.client.request('mail.status', { mail_id: mailId })));
   }
 
   async cancel(mailId) {
@@ -859,7 +873,73 @@ class MailApi {
   }
 
   async dead({ limit } = {}) {
-    return camelKeys(await this.client.request('mail.dead', { limit }));
+    return mailNumbers(camelKeys(await this.client.request('mail.dead', { limit })));
+  }
+
+  /**
+   * Mail events (status transitions), oldest first, as an async iterator that
+   * long-polls `mail.events` and resumes by itself (also after the daemon was
+   * unreachable for a while): `for await (const e of satchel.mail.events({ since: '0' }))`.
+   * `since` undefined: only events from now on; `'0'`: from the oldest kept. With
+   * `follow: false` it ends when no event is left. `.cursor` is where to resume
+   * (`{ since: stream.cursor }`) without gaps or repeats.
+   */
+  events({ since, mailId, follow = true, waitMs = 30_000 } = {}) {
+    return new EventStream(this.client, { since, mailId, follow, waitMs });
+  }
+}
+
+class EventStream {
+  constructor(client, { since, mailId, follow, waitMs }) {
+    this.client = client;
+    this.mailId = mailId;
+    this.follow = follow;
+    // A long poll must end before the client's own request timeout would.
+    const cap = client.requestTimeoutMs > 0 ? Math.max(0, client.requestTimeoutMs - 500) : 30_000;
+    this.waitMs = follow ? Math.max(0, Math.min(waitMs, 30_000, cap)) : 0;
+    this.buf = [];
+    this.server = since;
+    /** Where to resume: the last event handed out, or the daemon's cursor once all were. */
+    this.cursor = since;
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  async next() {
+    for (;;) {
+      if (this.buf.length > 0) {
+        const e = this.buf.shift();
+        this.cursor = this.buf.length > 0 ? e.eventId : this.server;
+        return { value: e, done: false };
+      }
+      let r;
+      try {
+        r = await this.client.request('mail.events', {
+          since: this.cursor,
+          mail_id: this.mailId,
+          wait_ms: this.waitMs,
+          limit: 1000,
+        });
+      } catch (err) {
+        if (!(this.follow && err instanceof SatchelError && err.retryable)) throw err;
+        await new Promise((ok) => setTimeout(ok, err.retryAfterMs ?? 250));
+        continue;
+      }
+      const events = mailNumbers(camelKeys(r.events ?? []));
+      this.server = r.cursor ?? this.server;
+      this.buf.push(...events);
+      if (events.length === 0) {
+        this.cursor = this.server;
+        if (!this.follow) return { value: undefined, done: true };
+      }
+    }
+  }
+
+  async return() {
+    this.buf = [];
+    return { value: undefined, done: true };
   }
 }
 

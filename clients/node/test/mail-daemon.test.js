@@ -80,3 +80,36 @@ test('mail.dead lists dead mails', async (t) => {
   if (skip) return t.skip(skip);
   assert.ok(Array.isArray(await client.mail.dead({ limit: 5 })));
 });
+
+const statusesOf = (events, mailId) => events.filter((e) => e.mailId === mailId).map((e) => e.status);
+
+test('mail.events iterates in order, ends without follow, and resumes from the cursor', async (t) => {
+  if (skip) return t.skip(skip);
+  const head = client.mail.events({ follow: false });
+  for await (const e of head) assert.fail(`nothing expected yet, got ${JSON.stringify(e)}`);
+  const r = await client.mail.send({ to: 'student@example.test', subject: 'Results', text: 'out' });
+  await eventually('the mail to be sent', async () => (await client.mail.status(r.mailId)).status === 'sent');
+  const stream = client.mail.events({ since: head.cursor, follow: false });
+  const events = [];
+  for await (const e of stream) events.push(e);
+  assert.deepEqual(statusesOf(events, r.mailId), ['queued', 'sending', 'sent']);
+  assert.equal(stream.cursor, events.at(-1).eventId);
+  assert.equal(typeof events[0].atMs, 'number');
+  const again = [];
+  for await (const e of client.mail.events({ since: stream.cursor, follow: false })) again.push(e);
+  assert.deepEqual(again, []);
+  // Following: a long poll that a new mail wakes.
+  const following = client.mail.events({ since: stream.cursor });
+  const later = await client.mail.send({ to: 'a@example.test', subject: 'later', text: 't', sendAtMs: Date.now() + 3_600_000 });
+  await client.mail.cancel(later.mailId);
+  const first = await following.next();
+  const second = await following.next();
+  assert.deepEqual([first.value.status, second.value.status], ['scheduled', 'cancelled']);
+  assert.equal(following.cursor, second.value.eventId);
+});
+
+test('mail.events with a bad cursor is a BAD_REQUEST on since', async (t) => {
+  if (skip) return t.skip(skip);
+  const stream = client.mail.events({ since: 'garbage', follow: false });
+  await assert.rejects(stream.next(), (e) => e.code === 'BAD_REQUEST' && e.field === 'since');
+});

@@ -311,3 +311,34 @@ class LocalCache:
 
 
 EMPTY_LOCAL_STATS = {"hits": 0, "misses": 0, "entries": 0, "bytes": 0, "invalidations": 0, "flushes": 0}
+
+
+class EventCursor:
+    """What an event stream has read and where it resumes: ``cursor`` is the id of
+    the last event handed out, or (when everything fetched was handed out) the cursor
+    the daemon answered; pass it as ``since`` to resume without gaps or repeats."""
+
+    def __init__(self, since: Optional[str], wait_ms: int, request_timeout: Optional[float]):
+        self.cursor = since
+        self._server: Optional[str] = since
+        self._buf: "collections.deque[Dict[str, Any]]" = collections.deque()
+        # A long poll must end before the client's own timeout would.
+        if request_timeout is not None:
+            wait_ms = min(wait_ms, max(0, int(request_timeout * 1000) - 500))
+        self.wait_ms = max(0, min(wait_ms, 30_000))
+
+    def feed(self, result: Dict[str, Any]) -> bool:
+        """Takes one mail.events answer; whether it held events."""
+        events = result.get("events") or []
+        self._buf.extend(events)
+        self._server = result.get("cursor", self._server)
+        if not self._buf:
+            self.cursor = self._server
+        return bool(events)
+
+    def take(self) -> Optional[Dict[str, Any]]:
+        if not self._buf:
+            return None
+        e = self._buf.popleft()
+        self.cursor = e.get("event_id") if self._buf else self._server
+        return e

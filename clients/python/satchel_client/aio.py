@@ -19,6 +19,7 @@ from ._common import (
     DISCONNECTED,
     EMPTY_LOCAL_STATS,
     PROTOCOL_VERSION,
+    EventCursor,
     UNREACHABLE,
     FrameReader,
     LocalCache,
@@ -448,3 +449,52 @@ class AsyncMailApi:
 
     async def dead(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         return await self._c.request("mail.dead", limit=limit)
+
+    def events(
+        self,
+        since: Optional[str] = None,
+        mail_id: Optional[str] = None,
+        follow: bool = True,
+        wait_ms: int = 30_000,
+    ) -> "AsyncEventStream":
+        """As :meth:`satchel_client.client.MailApi.events`, an async iterator:
+        ``async for event in client.mail.events(since="0"): ...``."""
+        return AsyncEventStream(self._c, since, mail_id, follow, wait_ms)
+
+
+class AsyncEventStream:
+    """See :meth:`AsyncMailApi.events`."""
+
+    def __init__(self, client: AsyncClient, since: Optional[str], mail_id: Optional[str], follow: bool, wait_ms: int):
+        self._c = client
+        self._mail_id = mail_id
+        self._follow = follow
+        self._state = EventCursor(since, wait_ms if follow else 0, client.request_timeout)
+
+    @property
+    def cursor(self) -> Optional[str]:
+        return self._state.cursor
+
+    def __aiter__(self) -> "AsyncEventStream":
+        return self
+
+    async def __anext__(self) -> Dict[str, Any]:
+        while True:
+            e = self._state.take()
+            if e is not None:
+                return e
+            try:
+                r = await self._c.request(
+                    "mail.events",
+                    since=self._state.cursor,
+                    mail_id=self._mail_id,
+                    wait_ms=self._state.wait_ms,
+                    limit=1000,
+                )
+            except SatchelError as err:
+                if not (self._follow and err.retryable):
+                    raise
+                await asyncio.sleep((err.retry_after_ms or 250) / 1000)
+                continue
+            if not self._state.feed(r) and not self._follow:
+                raise StopAsyncIteration

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import socket as _socket
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -18,6 +19,7 @@ from ._common import (
     DISCONNECTED,
     EMPTY_LOCAL_STATS,
     PROTOCOL_VERSION,
+    EventCursor,
     UNREACHABLE,
     FrameReader,
     LocalCache,
@@ -405,3 +407,55 @@ class MailApi:
 
     def dead(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         return self._c.request("mail.dead", limit=limit)
+
+    def events(
+        self,
+        since: Optional[str] = None,
+        mail_id: Optional[str] = None,
+        follow: bool = True,
+        wait_ms: int = 30_000,
+    ) -> "EventStream":
+        """Mail events (status transitions), oldest first: an iterator that
+        long-polls ``mail.events`` and resumes by itself (also after the daemon was
+        unreachable for a while). ``since=None``: only events from now on; ``"0"``:
+        from the oldest kept. With ``follow=False`` it ends when no event is left.
+        Its ``cursor`` is where to resume later (``since=stream.cursor``)."""
+        return EventStream(self._c, since, mail_id, follow, wait_ms)
+
+
+class EventStream:
+    """See :meth:`MailApi.events`."""
+
+    def __init__(self, client: Client, since: Optional[str], mail_id: Optional[str], follow: bool, wait_ms: int):
+        self._c = client
+        self._mail_id = mail_id
+        self._follow = follow
+        self._state = EventCursor(since, wait_ms if follow else 0, client.request_timeout)
+
+    @property
+    def cursor(self) -> Optional[str]:
+        return self._state.cursor
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        while True:
+            e = self._state.take()
+            if e is not None:
+                return e
+            try:
+                r = self._c.request(
+                    "mail.events",
+                    since=self._state.cursor,
+                    mail_id=self._mail_id,
+                    wait_ms=self._state.wait_ms,
+                    limit=1000,
+                )
+            except SatchelError as err:
+                if not (self._follow and err.retryable):
+                    raise
+                time.sleep((err.retry_after_ms or 250) / 1000)
+                continue
+            if not self._state.feed(r) and not self._follow:
+                raise StopIteration

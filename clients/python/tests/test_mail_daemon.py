@@ -72,3 +72,59 @@ def test_errors_carry_their_codes(client):
 
 def test_dead_lists(client):
     assert isinstance(client.mail.dead(limit=5), list)
+
+
+def _statuses(events, mail_id):
+    return [e["status"] for e in events if e["mail_id"] == mail_id]
+
+
+def test_events_iterate_in_order_and_resume_from_the_cursor(client):
+    # From now on: nothing yet.
+    now = client.mail.events(follow=False)
+    assert list(now) == []
+    start = now.cursor
+    r = client.mail.send("student@example.test", "Results", text="out")
+    eventually("the mail to be sent", lambda: client.mail.status(r["mail_id"])["status"] == "sent")
+    stream = client.mail.events(since=start, follow=False)
+    events = list(stream)
+    assert _statuses(events, r["mail_id"]) == ["queued", "sending", "sent"]
+    assert stream.cursor == events[-1]["event_id"]
+    # Resuming from the cursor repeats nothing; a new mail's events follow.
+    again = client.mail.events(since=stream.cursor, follow=False)
+    assert list(again) == []
+    later = client.mail.send("a@example.test", "later", text="t", send_at_ms=int(time.time() * 1000) + 3_600_000)
+    client.mail.cancel(later["mail_id"])
+    following = client.mail.events(since=stream.cursor)  # follow: long-polls
+    first, second = next(following), next(following)
+    assert [first["status"], second["status"]] == ["scheduled", "cancelled"]
+    assert following.cursor == second["event_id"]
+
+
+def test_events_with_a_bad_cursor_are_a_bad_request(client):
+    with pytest.raises(SatchelError) as e:
+        list(client.mail.events(since="garbage", follow=False))
+    assert (e.value.code, e.value.field) == ("BAD_REQUEST", "since")
+
+
+def test_async_events_iterate_and_resume(stack):
+    import asyncio
+
+    from satchel_client import AsyncClient
+
+    async def run():
+        c = AsyncClient(stack.socket)
+        try:
+            head = c.mail.events(follow=False)
+            assert [e async for e in head] == []
+            r = await c.mail.send("b@example.test", "Async", text="x")
+            seen = []
+            async for e in c.mail.events(since=head.cursor):
+                if e["mail_id"] == r["mail_id"]:
+                    seen.append(e["status"])
+                if seen and seen[-1] == "sent":
+                    break
+            assert seen == ["queued", "sending", "sent"]
+        finally:
+            await c.close()
+
+    asyncio.run(run())
