@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A real SMTP server for satchel's mail tests (aiosmtpd).
 
-Every accepted message is appended as one JSON line to --out:
+Every accepted message is appended as one JSON line to --out (and every RCPT
+address asked, accepted or not, as a line to <out>.rcpt):
   {"mail_from", "rcpt_tos", "data", "tls", "auth", "t_ms", "t_us"}
 
 Behaviour is chosen per recipient by the local part (what comes before an optional
@@ -51,6 +52,9 @@ class Handler:
         self.out = out
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # Every RCPT the sink was asked, accepted or not: <out>.rcpt, a line each.
+        with LOCK, open(self.out + ".rcpt", "a") as f:
+            f.write(address + "\n")
         kind = behaviour(address)
         if kind == "reject550":
             return "550 5.1.1 <%s>: no such user here" % address

@@ -57,12 +57,16 @@ pub enum BackendError {
     Redis(redis::RedisError),
     #[error("unexpected reply from redis: {0}")]
     Reply(String),
+    /// A cluster slot moved while a connection of our own still pointed at its old
+    /// primary (a failover, a resharding step): retryable.
+    #[error("the redis cluster moved the slot: {0}")]
+    Moved(String),
 }
 
 impl BackendError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            BackendError::Unavailable(_) => ErrorCode::Unavailable,
+            BackendError::Unavailable(_) | BackendError::Moved(_) => ErrorCode::Unavailable,
             BackendError::Timeout(_) => ErrorCode::Timeout,
             BackendError::Redis(_) | BackendError::Reply(_) => ErrorCode::Internal,
         }
@@ -84,7 +88,10 @@ impl BackendError {
 
 impl From<BackendError> for OpError {
     fn from(e: BackendError) -> OpError {
-        let retry = matches!(e, BackendError::Unavailable(_) | BackendError::Timeout(_));
+        let retry = matches!(
+            e,
+            BackendError::Unavailable(_) | BackendError::Timeout(_) | BackendError::Moved(_)
+        );
         let err = OpError::new(e.code(), e.to_string());
         if retry {
             err.with_retry_after(RETRY_AFTER.as_millis() as u64)
@@ -561,12 +568,17 @@ impl Backend {
         replicas: u64,
         timeout: Duration,
     ) -> Result<(T, u64), BackendError> {
-        match self.invoke_acked_once(script, key, replicas, timeout).await {
-            // The slot moved (a cluster failover): the lane went to the old primary.
-            Err(e) if matches!(e.redis_code(), Some("MOVED" | "ASK")) => {
-                self.invoke_acked_once(script, key, replicas, timeout).await
+        // The slot moved (a cluster failover): the lane went to the old primary, and
+        // the cluster's slot map may lag a moment behind the move.
+        let mut tries = 0;
+        loop {
+            match self.invoke_acked_once(script, key, replicas, timeout).await {
+                Err(BackendError::Moved(_)) if tries < 3 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -796,6 +808,8 @@ impl Backend {
             }
             self.resolve_again();
             BackendError::Unavailable(e.to_string())
+        } else if matches!(e.code(), Some("MOVED" | "ASK")) {
+            BackendError::Moved(e.to_string())
         } else if matches!(
             e.code(),
             Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING")

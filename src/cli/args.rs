@@ -127,6 +127,9 @@ pub enum MailCommand {
     Retry { mail_id: String },
     /// Cancel a queued, scheduled or retrying mail.
     Cancel { mail_id: String },
+    /// The suppression list: addresses that are not mailed (they do not exist).
+    #[command(subcommand)]
+    Suppression(SuppressionCommand),
     /// Print mail events (status transitions), oldest first: those after --since,
     /// else (with --follow) the new ones from now on. Each line ends with the event's
     /// id; pass the last one as --since to resume.
@@ -141,4 +144,18 @@ pub enum MailCommand {
         #[arg(long)]
         mail_id: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SuppressionCommand {
+    /// Print every suppressed address (all pages).
+    List,
+    /// Stop mailing an address.
+    Add {
+        address: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Mail an address again (exit 3 if it was not on the list).
+    Remove { address: String },
 }

@@ -3,7 +3,7 @@
 
 use rmpv::Value;
 
-use super::args::{CacheCommand, ClientCommand, MailCommand, SendArgs};
+use super::args::{CacheCommand, ClientCommand, MailCommand, SendArgs, SuppressionCommand};
 use super::output::from_json;
 use crate::client::{Client, ClientError};
 
@@ -90,13 +90,19 @@ async fn mail(cmd: MailCommand, c: Client, json: bool) -> Result<Outcome, Client
             follow,
             mail_id,
         } => return events(&c, since, follow, mail_id, json).await,
+        MailCommand::Suppression(cmd) => return suppression(&c, cmd).await,
         MailCommand::Send(args) => {
             let q = c.mail_send(&mail_of(args)?).await?;
-            Value::Map(vec![
+            let mut out = vec![
                 (Value::from("mail_id"), Value::from(q.mail_id)),
                 (Value::from("status"), Value::from(q.status)),
                 (Value::from("duplicate"), Value::from(q.duplicate)),
-            ])
+            ];
+            if !q.suppressed.is_empty() {
+                let list = q.suppressed.into_iter().map(Value::from).collect();
+                out.push((Value::from("suppressed"), Value::Array(list)));
+            }
+            Value::Map(out)
         }
         MailCommand::Status { mail_id } => c.mail_status(&mail_id).await?,
         MailCommand::Dead { limit } => Value::Array(c.mail_dead(limit).await?),
@@ -107,6 +113,37 @@ async fn mail(cmd: MailCommand, c: Client, json: bool) -> Result<Outcome, Client
             "not cancelled (already sending or finished)"
         }),
     }))
+}
+
+async fn suppression(c: &Client, cmd: SuppressionCommand) -> Result<Outcome, ClientError> {
+    Ok(match cmd {
+        SuppressionCommand::List => {
+            let mut all = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let (page, next) = c
+                    .mail_suppression_list(Some(1000), cursor.as_deref())
+                    .await?;
+                all.extend(page);
+                match next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+            Outcome::Value(Value::Array(all))
+        }
+        SuppressionCommand::Add { address, reason } => {
+            c.mail_suppression_add(&address, reason.as_deref()).await?;
+            Outcome::Value(Value::from(format!("suppressed {address}")))
+        }
+        SuppressionCommand::Remove { address } => {
+            if c.mail_suppression_remove(&address).await? {
+                Outcome::Value(Value::from(format!("removed {address}")))
+            } else {
+                Outcome::NotFound(format!("{address} was not on the suppression list"))
+            }
+        }
+    })
 }
 
 /// `mail events`: one poll, or (`--follow`) long polls until interrupted; each event

@@ -639,6 +639,8 @@ pub struct Queued {
     /// Replicas that acknowledged the mail, when the daemon has
     /// `mail.min_replicas_ack` set.
     pub replicas: Option<u64>,
+    /// Recipients not sent to: they are on the suppression list.
+    pub suppressed: Vec<String>,
 }
 
 fn strings(items: &[String]) -> Value {
@@ -722,6 +724,14 @@ impl Client {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             replicas: get(&r, "replicas").and_then(Value::as_u64),
+            suppressed: get(&r, "suppressed")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -778,6 +788,54 @@ impl Client {
             .cloned()
             .unwrap_or_default();
         Ok((events, text_of(&r, "cursor")))
+    }
+
+    /// `mail.suppression.list`: one page of `{address, reason, class, at_ms}` and the
+    /// next page's cursor (None at the end).
+    pub async fn mail_suppression_list(
+        &self,
+        limit: Option<u64>,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<Value>, Option<String>), ClientError> {
+        let mut fields = Vec::new();
+        if let Some(l) = limit {
+            fields.push(("limit", Value::from(l)));
+        }
+        if let Some(c) = cursor {
+            fields.push(("cursor", Value::from(c)));
+        }
+        let r = self.call("mail.suppression.list", fields).await?;
+        let entries = get(&r, "entries")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let next = get(&r, "cursor").and_then(Value::as_str).map(str::to_owned);
+        Ok((entries, next))
+    }
+
+    /// `mail.suppression.add`: stop mailing `address`.
+    pub async fn mail_suppression_add(
+        &self,
+        address: &str,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let mut fields = vec![("address", Value::from(address))];
+        if let Some(r) = reason {
+            fields.push(("reason", Value::from(r)));
+        }
+        self.call("mail.suppression.add", fields).await?;
+        Ok(())
+    }
+
+    /// `mail.suppression.remove`: whether `address` was on the list.
+    pub async fn mail_suppression_remove(&self, address: &str) -> Result<bool, ClientError> {
+        let r = self
+            .call(
+                "mail.suppression.remove",
+                vec![("address", Value::from(address))],
+            )
+            .await?;
+        Ok(get(&r, "removed").and_then(Value::as_bool) == Some(true))
     }
 
     /// `mail.dead`: dead mail, newest first.

@@ -77,6 +77,11 @@ pub struct MailConfig {
     pub replica_ack_timeout_ms: u64,
     /// The event stream (`mail.events`) keeps about this many events (`MAXLEN ~`).
     pub events_max: u64,
+    /// A recipient whose mailbox or domain does not exist (5.1.1, 5.1.2 …) goes on a
+    /// suppression list, and later mail is not sent to it.
+    pub suppression: bool,
+    /// How long an address stays on the suppression list.
+    pub suppress_ttl_ms: u64,
 }
 
 /// `smtp_url` in the file and the environment is a string, `""` meaning none.
@@ -131,6 +136,8 @@ impl Default for MailConfig {
             min_replicas_ack: 0,
             replica_ack_timeout_ms: 200,
             events_max: 100_000,
+            suppression: true,
+            suppress_ttl_ms: 30 * 24 * 3600 * 1000,
         }
     }
 }
@@ -199,6 +206,7 @@ impl MailConfig {
             ("smtp_connect_timeout_ms", self.smtp_connect_timeout_ms),
             ("smtp_command_timeout_ms", self.smtp_command_timeout_ms),
             ("events_max", self.events_max),
+            ("suppress_ttl_ms", self.suppress_ttl_ms),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -241,6 +249,11 @@ impl MailConfig {
     pub fn smtp_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.smtp_connect_timeout_ms)
     }
+    /// `mail.suppress_ttl_ms` while the suppression list is on.
+    pub fn suppression_ttl(&self) -> Option<u64> {
+        self.suppression.then_some(self.suppress_ttl_ms)
+    }
+
     /// `Some((replicas, timeout))` when `mail.send` waits for replicas.
     pub fn replica_ack(&self) -> Option<(u64, Duration)> {
         (self.min_replicas_ack > 0).then(|| {

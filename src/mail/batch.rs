@@ -47,6 +47,8 @@ struct State {
 pub struct EnqueueSettings {
     pub idem_ttl_ms: u64,
     pub retention_ms: u64,
+    /// Drop suppressed recipients (`mail.suppression`).
+    pub suppression: bool,
     /// `mail.min_replicas_ack` and its timeout, when set.
     pub ack: Option<(u64, std::time::Duration)>,
 }
@@ -137,6 +139,7 @@ impl Enqueuer {
                     &mails,
                     settings.idem_ttl_ms,
                     settings.retention_ms,
+                    settings.suppression,
                     settings.ack,
                 )
                 .await;

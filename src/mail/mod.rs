@@ -16,6 +16,7 @@
 //! → cancelled` by `mail.cancel`.
 
 pub mod batch;
+pub mod bounce;
 pub mod events;
 pub mod file;
 pub mod message;
@@ -53,6 +54,9 @@ pub const OPS: &[&str] = &[
     "mail.retry",
     "mail.dead",
     "mail.events",
+    "mail.suppression.list",
+    "mail.suppression.add",
+    "mail.suppression.remove",
 ];
 
 /// Longest accepted idempotency key.
@@ -97,8 +101,8 @@ impl MailError {
             MailError::NotFound(_) => ErrorCode::NotFound,
             MailError::NotDead { .. } => ErrorCode::BadRequest,
             MailError::Backend(e) => e.code(),
-            MailError::Direct(SendError::Permanent(_)) => ErrorCode::InvalidMail,
-            MailError::Direct(SendError::Transient(_)) => ErrorCode::Unavailable,
+            MailError::Direct(e) if e.is_transient() => ErrorCode::Unavailable,
+            MailError::Direct(_) => ErrorCode::InvalidMail,
             MailError::NoPeerUid => ErrorCode::Forbidden,
         }
     }
@@ -115,12 +119,10 @@ impl From<MailError> for OpError {
             MailError::NotDead { .. } => {
                 OpError::new(e.code(), e.to_string()).with_field("mail_id")
             }
-            MailError::Direct(SendError::Permanent(_)) => {
-                OpError::new(e.code(), e.to_string()).with_field("to")
-            }
-            MailError::Direct(SendError::Transient(_)) => {
+            MailError::Direct(ref d) if d.is_transient() => {
                 OpError::new(e.code(), e.to_string()).with_retry_after(1000)
             }
+            MailError::Direct(_) => OpError::new(e.code(), e.to_string()).with_field("to"),
             MailError::NotFound(_) | MailError::NoPeerUid => OpError::new(e.code(), e.to_string()),
         }
     }
@@ -229,6 +231,9 @@ impl MailService {
             "mail.retry" => self.retry(ctx, req).await,
             "mail.dead" => self.dead(ctx, req).await,
             "mail.events" => self.events(ctx, req).await,
+            "mail.suppression.list" => self.suppression_list(ctx, req).await,
+            "mail.suppression.add" => self.suppression_add(ctx, req).await,
+            "mail.suppression.remove" => self.suppression_remove(ctx, req).await,
             other => Err(OpError::new(
                 ErrorCode::UnknownOp,
                 format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -288,6 +293,27 @@ struct SendResult {
     /// Replicas holding the mail, when `mail.min_replicas_ack` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     replicas: Option<u64>,
+    /// Recipients not sent to: they are on the suppression list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    suppressed: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Added {
+    added: bool,
+}
+
+#[derive(Serialize)]
+struct Removed {
+    removed: bool,
+}
+
+#[derive(Serialize)]
+struct SuppressionPage {
+    entries: Vec<queue::Suppressed>,
+    /// The next page's cursor; absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -311,6 +337,10 @@ struct StatusResult {
     updated_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     refused: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    suppressed: Option<Vec<String>>,
 }
 
 #[derive(Serialize)]
@@ -334,6 +364,8 @@ struct DeadEntry {
     attempts: u64,
     last_error: String,
     dead_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class: Option<String>,
 }
 
 /// The checks of `mail.send` fields that `message::build` does not make.
@@ -357,6 +389,33 @@ fn check_draft(draft: &message::Draft) -> Result<(), MailError> {
 
 /// Whose mail this caller may see, and whether it is an admin (`mail.admin_uids`,
 /// whose answers name each mail's owner).
+/// The suppression list is shared by every app on the Redis: with
+/// `mail.isolate_by_uid`, only admins read or change it (it names other apps'
+/// recipients, and one app's entry would stop another's mail).
+fn suppression_allowed(ctx: RequestCtx<'_>) -> Result<(), OpError> {
+    let mc = &ctx.config.mail;
+    let admin = ctx.peer.uid.is_some_and(|u| mc.admin_uids.contains(&u));
+    if mc.isolate_by_uid && !admin {
+        return Err(OpError::new(
+            ErrorCode::Forbidden,
+            "with mail.isolate_by_uid the suppression list is for mail.admin_uids only",
+        ));
+    }
+    Ok(())
+}
+
+/// `address`: one mail address (no display name, no CR/LF), normalized.
+fn suppression_address(req: &Request) -> Result<String, OpError> {
+    let a = req.str("address")?;
+    if a.len() > 320 || a.contains(['\r', '\n']) || a.parse::<lettre::Address>().is_err() {
+        return Err(OpError::bad_request(
+            "address",
+            format!("not a mail address: {a:?}"),
+        ));
+    }
+    Ok(bounce::normalize(a))
+}
+
 fn scope_of(ctx: RequestCtx<'_>) -> Result<(queue::Scope, bool), MailError> {
     let mc = &ctx.config.mail;
     let admin = ctx.peer.uid.is_some_and(|u| mc.admin_uids.contains(&u));
@@ -427,6 +486,7 @@ impl MailService {
         let settings = batch::EnqueueSettings {
             idem_ttl_ms: mc.idempotency_ttl_ms,
             retention_ms: mc.status_retention_ms,
+            suppression: mc.suppression,
             ack: mc.replica_ack(),
         };
         let enqueued = match self.backend.ensure_up() {
@@ -476,6 +536,7 @@ impl MailService {
                     status: e.status,
                     duplicate: e.duplicate,
                     replicas: e.replicas,
+                    suppressed: e.suppressed,
                 })
             }
             // Only when Redis is certainly unreachable: after a timeout the mail may be
@@ -493,6 +554,7 @@ impl MailService {
                     status: MailStatus::Sent,
                     duplicate: false,
                     replicas: None,
+                    suppressed: Vec::new(),
                 })
             }
             Err((e, _)) => Err(e.into()),
@@ -516,6 +578,8 @@ impl MailService {
             next_attempt_ms: rec.next_attempt_ms,
             updated_ms: rec.updated_ms,
             refused: rec.refused.map(|r| queue::split_list(&r)),
+            class: rec.class,
+            suppressed: rec.suppressed.map(|r| queue::split_list(&r)),
         })
     }
 
@@ -597,6 +661,66 @@ impl MailService {
         }
     }
 
+    async fn suppression_list(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        suppression_allowed(ctx)?;
+        let limit = match req.opt_positive("limit")? {
+            Some(n) if n > DEAD_MAX_LIMIT => {
+                return Err(OpError::bad_request(
+                    "limit",
+                    format!("limit is at most {DEAD_MAX_LIMIT}"),
+                ));
+            }
+            Some(n) => n,
+            None => DEAD_DEFAULT_LIMIT,
+        };
+        let cursor = match req.opt_str("cursor")? {
+            None => 0,
+            Some(c) => c.parse::<u64>().map_err(|_| {
+                OpError::bad_request(
+                    "cursor",
+                    "cursor must be one from an earlier mail.suppression.list answer",
+                )
+            })?,
+        };
+        let (entries, next) = self
+            .queue
+            .suppression_list(&self.backend, cursor, limit)
+            .await?;
+        encode(&SuppressionPage {
+            entries,
+            cursor: next.map(|n| n.to_string()),
+        })
+    }
+
+    async fn suppression_add(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        suppression_allowed(ctx)?;
+        let address = suppression_address(req)?;
+        let reason = req
+            .opt_str("reason")?
+            .unwrap_or("added by mail.suppression.add");
+        if reason.len() > 1000 || reason.contains(['\r', '\n']) {
+            return Err(OpError::bad_request(
+                "reason",
+                "reason must be one line of at most 1000 bytes",
+            ));
+        }
+        let ttl = ctx.config.mail.suppress_ttl_ms;
+        self.queue
+            .suppression_add(&self.backend, &address, reason, "manual", ttl)
+            .await?;
+        encode(&Added { added: true })
+    }
+
+    async fn suppression_remove(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        suppression_allowed(ctx)?;
+        let address = suppression_address(req)?;
+        let removed = self
+            .queue
+            .suppression_remove(&self.backend, &address)
+            .await?;
+        encode(&Removed { removed })
+    }
+
     async fn dead(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
         let limit = req
             .opt_positive("limit")?
@@ -614,6 +738,7 @@ impl MailService {
                 attempts: r.attempts,
                 last_error: r.last_error,
                 dead_ms: r.dead_ms,
+                class: r.class,
             })
             .collect();
         encode(&out)

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use redis::{Script, Value};
 
+use super::bounce::Class;
 use super::status::MailStatus;
 use crate::backend::reply::{bytes, text, uint};
 use crate::backend::{Backend, BackendError, Dedicated};
@@ -68,6 +69,22 @@ end
 -- isolation off); otherwise the record's owner must be that uid.
 local function visible(sk, owner)
   return owner == '' or redis.call('HGET', sk, 'owner') == owner
+end
+-- The suppression list: one hash per address (`<sp><address>`: reason, class,
+-- at_ms; expires after the ttl) and a sorted set of addresses by expiry (`<sp>`
+-- without the trailing ':'), for listing. Addresses come normalized (domain in
+-- lower case; `norm` does the same for the recipients of a new mail).
+local function suppress(sp, addr, reason, class, ttl)
+  redis.call('HSET', sp .. addr, 'reason', reason, 'class', class, 'at_ms', now)
+  redis.call('PEXPIRE', sp .. addr, ttl)
+  local idx = string.sub(sp, 1, -2)
+  redis.call('ZADD', idx, now + ttl, addr)
+  redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
+end
+local function norm(a)
+  local l, d = string.match(a, '^(.*)@([^@]*)$')
+  if l then return l .. '@' .. string.lower(d) end
+  return a
 end
 -- The event of a transition, in the same script as the transition (so it exists
 -- exactly when the transition happened). The events stream is the last key of
@@ -118,16 +135,19 @@ end
 /// Enqueues a batch of mails in one call (group commit: concurrent `mail.send`s share
 /// one script run, which costs Redis far less per mail than one run each).
 /// KEYS: stream, sched, counts, events.  ARGV: idem_ttl_ms, retention_ms, status key prefix,
-/// idempotency key prefix, then per mail ENQUEUE_ARGS values: mail_id, send_at_ms
+/// idempotency key prefix, suppression key prefix ('' = off), then per mail
+/// ENQUEUE_ARGS values: mail_id, send_at_ms
 /// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw
 /// ('' when the message is in its body key), body ('1' when it is), owner (the
 /// sender's uid, '' unknown).
-/// → per mail: mail_id, status, duplicate (0|1). Mails are handled in order, so two
+/// → per mail: mail_id, status, duplicate (0|1), the recipients dropped because they
+/// are suppressed ("\n"-separated; when none is left the mail is `suppressed`, final,
+/// and never sent). Mails are handled in order, so two
 /// in one batch with the same idempotency key behave as two calls would.
 const ENQUEUE: &str = r#"
-local idem_ttl, retention, sp, ip = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local out, added = {}, {queued = 0, scheduled = 0}
-for j = 5, #ARGV, 11 do
+local idem_ttl, retention, sp, ip, supp = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local out, added = {}, {queued = 0, scheduled = 0, suppressed = 0}
+for j = 6, #ARGV, 11 do
   local id, send_at, ikey = ARGV[j], tonumber(ARGV[j + 1]), ARGV[j + 2]
   local existing = nil
   if ikey ~= '' then
@@ -138,18 +158,33 @@ for j = 5, #ARGV, 11 do
     -- The duplicate's own body, written ahead, is not needed.
     drop_body(sp .. id)
     local st = redis.call('HGET', sp .. existing, 'status')
-    out[#out + 1] = existing; out[#out + 1] = st or 'expired'; out[#out + 1] = 1
+    out[#out + 1] = existing; out[#out + 1] = st or 'expired'; out[#out + 1] = 1; out[#out + 1] = ''
   else
     local sk = sp .. id
+    local rcpt, dropped = ARGV[j + 4], {}
+    if supp ~= '' then
+      local kept = {}
+      for a in string.gmatch(rcpt, '[^\n]+') do
+        if redis.call('EXISTS', supp .. norm(a)) == 1 then dropped[#dropped + 1] = a
+        else kept[#kept + 1] = a end
+      end
+      rcpt = table.concat(kept, '\n')
+    end
     local status = 'queued'
-    if send_at > now then status = 'scheduled' end
+    if rcpt == '' then status = 'suppressed'
+    elseif send_at > now then status = 'scheduled' end
     redis.call('HSET', sk, 'status', status, 'attempts', 0, 'created_ms', now, 'updated_ms', now,
-      'from', ARGV[j + 3], 'rcpt', ARGV[j + 4], 'to', ARGV[j + 5], 'subject', ARGV[j + 6],
+      'from', ARGV[j + 3], 'rcpt', rcpt, 'to', ARGV[j + 5], 'subject', ARGV[j + 6],
       'message_id', ARGV[j + 7])
+    if #dropped > 0 then redis.call('HSET', sk, 'suppressed', table.concat(dropped, '\n')) end
     local body = ARGV[j + 9] == '1'
     if body then redis.call('HSET', sk, 'body', 1) end
     if ARGV[j + 10] ~= '' then redis.call('HSET', sk, 'owner', ARGV[j + 10]) end
-    if status == 'scheduled' then
+    if status == 'suppressed' then
+      -- Final: never sent, so no message is kept.
+      drop_body(sk)
+      expire_all(sk, retention)
+    elseif status == 'scheduled' then
       redis.call('HSET', sk, 'next_attempt_ms', send_at)
       if not body then redis.call('HSET', sk, 'raw', ARGV[j + 8]) end
       redis.call('ZADD', KEYS[2], send_at, id)
@@ -164,6 +199,7 @@ for j = 5, #ARGV, 11 do
     added[status] = added[status] + 1
     emit(sk, id, status)
     out[#out + 1] = id; out[#out + 1] = status; out[#out + 1] = 0
+    out[#out + 1] = table.concat(dropped, '\n')
   end
 end
 for st, n in pairs(added) do
@@ -239,13 +275,19 @@ return {'go', attempts + 1, f[1] or '', f[2] or '', raw}
 /// between, the entry is reclaimed, BEGIN sees the final status, and acks it without
 /// a second delivery.
 /// KEYS: status, counts, stream, sched, dead, events.  ARGV: outcome (sent|retry|dead), group,
-/// entry id, retention_ms, last_error, delay_ms, new rcpt ('' = keep), mail_id, refused.
+/// entry id, retention_ms, last_error, delay_ms, new rcpt ('' = keep), mail_id, refused,
+/// class ('' = none), suppression key prefix ('' = suppression off), suppress_ttl_ms,
+/// then (address, reason, class) per recipient to suppress.
 const FINISH: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
 if st ~= 'sending' then ack(KEYS[3], ARGV[2], ARGV[3]); return 0 end
 local ttl = tonumber(ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'sending', -1)
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'refused', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'class', ARGV[10]) end
+if ARGV[11] ~= '' then
+  for i = 13, #ARGV, 3 do suppress(ARGV[11], ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[12])) end
+end
 if ARGV[1] == 'sent' then
   redis.call('HSET', KEYS[1], 'status', 'sent', 'sent_ms', now, 'updated_ms', now)
   redis.call('HDEL', KEYS[1], 'raw', 'body', 'next_attempt_ms')
@@ -269,7 +311,7 @@ expire_all(KEYS[1], ttl)
 ack(KEYS[3], ARGV[2], ARGV[3])
 local final = {sent = 'sent', retry = 'retrying'}
 if ARGV[1] == 'sent' then emit(KEYS[1], ARGV[8], 'sent')
-else emit(KEYS[1], ARGV[8], final[ARGV[1]] or 'dead', ARGV[5]) end
+else emit(KEYS[1], ARGV[8], final[ARGV[1]] or 'dead', ARGV[5], ARGV[10]) end
 return 1
 "#;
 
@@ -308,6 +350,21 @@ emit(KEYS[1], ARGV[1], 'queued')
 return 1
 "#;
 
+/// `mail.suppression.add`. KEYS: the address's entry. ARGV: suppression key prefix,
+/// address, reason, class, ttl_ms.
+const SUPPRESS: &str = r#"
+suppress(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+return 1
+"#;
+
+/// `mail.suppression.remove`. KEYS: the address's entry, the index. ARGV: address.
+/// → 1 removed, 0 it was not there.
+const UNSUPPRESS: &str = r#"
+local n = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return n
+"#;
+
 /// One global fixed window per second. KEYS: rate key prefix. ARGV: rate.
 /// → ms to wait before trying again, 0 = go.
 const RATE: &str = r#"
@@ -336,6 +393,8 @@ pub struct Queue {
     cancel: Script,
     retry: Script,
     rate_script: Script,
+    suppress: Script,
+    unsuppress: Script,
 }
 
 /// A message larger than this is not carried in a script's arguments or a stream
@@ -382,6 +441,8 @@ pub struct Enqueued {
     pub mail_id: String,
     pub status: MailStatus,
     pub duplicate: bool,
+    /// Recipients dropped because they are on the suppression list.
+    pub suppressed: Vec<String>,
     /// Replicas that acknowledged the write, when it waited for them.
     pub replicas: Option<u64>,
 }
@@ -405,17 +466,39 @@ pub enum Begin {
 pub enum Outcome {
     Sent {
         refused: String,
+        suppress: Vec<Suppress>,
     },
     Retry {
         error: String,
         delay_ms: u64,
         rcpts: Option<Vec<String>>,
         refused: String,
+        suppress: Vec<Suppress>,
     },
     Dead {
         error: String,
         refused: String,
+        class: Class,
+        suppress: Vec<Suppress>,
     },
+}
+
+/// A recipient the attempt showed does not exist: to put on the suppression list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppress {
+    pub address: String,
+    pub reason: String,
+    pub class: Class,
+}
+
+impl Outcome {
+    fn suppress(&self) -> &[Suppress] {
+        match self {
+            Outcome::Sent { suppress, .. }
+            | Outcome::Retry { suppress, .. }
+            | Outcome::Dead { suppress, .. } => suppress,
+        }
+    }
 }
 
 /// One status record, as `mail.status` reports it.
@@ -428,6 +511,19 @@ pub struct StatusRecord {
     pub updated_ms: u64,
     pub refused: Option<String>,
     pub owner: Option<u32>,
+    /// The failure's bounce class (`bad-mailbox`, `transient`, …).
+    pub class: Option<String>,
+    /// Recipients dropped at `mail.send`: on the suppression list.
+    pub suppressed: Option<String>,
+}
+
+/// One entry of the suppression list.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Suppressed {
+    pub address: String,
+    pub reason: String,
+    pub class: String,
+    pub at_ms: u64,
 }
 
 /// One entry of `mail.dead`.
@@ -440,6 +536,7 @@ pub struct DeadRecord {
     pub last_error: String,
     pub dead_ms: u64,
     pub owner: Option<u32>,
+    pub class: Option<String>,
 }
 
 /// Whose mail a request may see and steer (`mail.isolate_by_uid`).
@@ -577,6 +674,8 @@ impl Queue {
             cancel: script(CANCEL, &[], events_max),
             retry: script(RETRY, &[REQUEUE], events_max),
             rate_script: script(RATE, &[], events_max),
+            suppress: script(SUPPRESS, &[], events_max),
+            unsuppress: script(UNSUPPRESS, &[], events_max),
             base,
         }
     }
@@ -587,6 +686,12 @@ impl Queue {
 
     fn status_prefix(&self) -> String {
         format!("{}:s:", self.base)
+    }
+
+    /// `<K>:sup:` + a normalized address: one suppressed address; `<K>:sup` is the
+    /// index of them by expiry.
+    pub fn suppression_prefix(&self) -> String {
+        format!("{}:sup:", self.base)
     }
 
     fn idem_key(&self, key: &str) -> String {
@@ -619,6 +724,7 @@ impl Queue {
         mails: &[NewMail],
         idem_ttl_ms: u64,
         retention_ms: u64,
+        suppression: bool,
         ack: Option<(u64, Duration)>,
     ) -> Result<Vec<Enqueued>, BackendError> {
         let mut inv = self.enqueue.prepare_invoke();
@@ -629,7 +735,12 @@ impl Queue {
             .arg(idem_ttl_ms)
             .arg(retention_ms)
             .arg(self.status_prefix())
-            .arg(self.idem_key(""));
+            .arg(self.idem_key(""))
+            .arg(if suppression {
+                self.suppression_prefix()
+            } else {
+                String::new()
+            });
         for m in mails {
             let b = &m.built;
             let body = m.in_body_key();
@@ -655,14 +766,15 @@ impl Queue {
             }
         };
         match &v {
-            Value::Array(items) if items.len() == 3 * mails.len() => items
-                .chunks(3)
+            Value::Array(items) if items.len() == 4 * mails.len() => items
+                .chunks(4)
                 .map(|it| {
                     Ok(Enqueued {
                         mail_id: text(&it[0]).unwrap_or_default(),
                         status: status_of(it.get(1))
                             .ok_or_else(|| BackendError::reply("enqueue status", &it[1]))?,
                         duplicate: uint(&it[2]) == Some(1),
+                        suppressed: text(&it[3]).map(|t| split_list(&t)).unwrap_or_default(),
                         replicas,
                     })
                 })
@@ -725,49 +837,72 @@ impl Queue {
         }
     }
 
+    /// Ends an attempt. `suppression`: `mail.suppress_ttl_ms` while the suppression
+    /// list is on (the outcome's nonexistent recipients go on it, in the same script).
     pub async fn finish(
         &self,
         backend: &Backend,
         entry: &Entry,
         retention_ms: u64,
         outcome: &Outcome,
+        suppression: Option<u64>,
     ) -> Result<(), BackendError> {
-        let (kind, error, delay, rcpts, refused) = match outcome {
-            Outcome::Sent { refused } => ("sent", "", 0, String::new(), refused),
+        let (kind, error, delay, rcpts, refused, class) = match outcome {
+            Outcome::Sent { refused, .. } => ("sent", "", 0, String::new(), refused, ""),
             Outcome::Retry {
                 error,
                 delay_ms,
                 rcpts,
                 refused,
+                ..
             } => (
                 "retry",
                 error.as_str(),
                 *delay_ms,
                 rcpts.as_ref().map(|r| r.join("\n")).unwrap_or_default(),
                 refused,
+                Class::Transient.as_str(),
             ),
-            Outcome::Dead { error, refused } => ("dead", error.as_str(), 0, String::new(), refused),
+            Outcome::Dead {
+                error,
+                refused,
+                class,
+                ..
+            } => (
+                "dead",
+                error.as_str(),
+                0,
+                String::new(),
+                refused,
+                class.as_str(),
+            ),
         };
-        let _: Value = backend
-            .invoke(
-                self.finish
-                    .key(self.status_key(&entry.mail_id))
-                    .key(&self.counts)
-                    .key(&self.stream)
-                    .key(&self.sched)
-                    .key(&self.dead)
-                    .key(&self.events)
-                    .arg(kind)
-                    .arg(GROUP)
-                    .arg(&entry.id)
-                    .arg(retention_ms)
-                    .arg(error)
-                    .arg(delay)
-                    .arg(rcpts)
-                    .arg(&entry.mail_id)
-                    .arg(refused.as_str()),
-            )
-            .await?;
+        let mut inv = self.finish.prepare_invoke();
+        inv.key(self.status_key(&entry.mail_id))
+            .key(&self.counts)
+            .key(&self.stream)
+            .key(&self.sched)
+            .key(&self.dead)
+            .key(&self.events)
+            .arg(kind)
+            .arg(GROUP)
+            .arg(&entry.id)
+            .arg(retention_ms)
+            .arg(error)
+            .arg(delay)
+            .arg(rcpts)
+            .arg(&entry.mail_id)
+            .arg(refused.as_str())
+            .arg(class)
+            .arg(match suppression {
+                Some(_) => self.suppression_prefix(),
+                None => String::new(),
+            })
+            .arg(suppression.unwrap_or(0));
+        for s in outcome.suppress() {
+            inv.arg(&s.address).arg(&s.reason).arg(s.class.as_str());
+        }
+        let _: Value = backend.invoke(&inv).await?;
         Ok(())
     }
 
@@ -847,6 +982,8 @@ impl Queue {
                 "updated_ms",
                 "refused",
                 "owner",
+                "class",
+                "suppressed",
             ]))
             .await?;
         let Some(status) = status_of(v.first()) else {
@@ -864,6 +1001,8 @@ impl Queue {
             next_attempt_ms: v.get(3).and_then(uint),
             updated_ms: v.get(4).and_then(uint).unwrap_or(0),
             refused: v.get(5).and_then(text),
+            class: v.get(7).and_then(text),
+            suppressed: v.get(8).and_then(text),
         }))
     }
 
@@ -898,6 +1037,7 @@ impl Queue {
                 "last_error",
                 "dead_ms",
                 "owner",
+                "class",
             ]);
         }
         let rows: Vec<Vec<Value>> = backend.pipeline(&pipe).await?;
@@ -914,8 +1054,102 @@ impl Queue {
                 last_error: r.get(4).and_then(text).unwrap_or_default(),
                 dead_ms: r.get(5).and_then(uint).unwrap_or(0),
                 owner: r.get(6).and_then(uint).map(|u| u as u32),
+                class: r.get(7).and_then(text),
             })
             .collect())
+    }
+
+    /// Puts `address` (normalized) on the suppression list for `ttl_ms`.
+    pub async fn suppression_add(
+        &self,
+        backend: &Backend,
+        address: &str,
+        reason: &str,
+        class: &str,
+        ttl_ms: u64,
+    ) -> Result<(), BackendError> {
+        let sp = self.suppression_prefix();
+        let _: i64 = backend
+            .invoke(
+                self.suppress
+                    .key(format!("{sp}{address}"))
+                    .arg(&sp)
+                    .arg(address)
+                    .arg(reason)
+                    .arg(class)
+                    .arg(ttl_ms),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes `address` (normalized) off the suppression list; whether it was on it.
+    pub async fn suppression_remove(
+        &self,
+        backend: &Backend,
+        address: &str,
+    ) -> Result<bool, BackendError> {
+        let sp = self.suppression_prefix();
+        let n: i64 = backend
+            .invoke(
+                self.unsuppress
+                    .key(format!("{sp}{address}"))
+                    .key(sp.trim_end_matches(':'))
+                    .arg(address),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// One page of the suppression list (`ZSCAN` of its index: every address that
+    /// stays on the list is listed at least once over a full pass); the next cursor,
+    /// None at the end. Entries that expired meanwhile are dropped from the index.
+    pub async fn suppression_list(
+        &self,
+        backend: &Backend,
+        cursor: u64,
+        limit: u64,
+    ) -> Result<(Vec<Suppressed>, Option<u64>), BackendError> {
+        let sp = self.suppression_prefix();
+        let idx = sp.trim_end_matches(':').to_owned();
+        let (next, flat): (u64, Vec<String>) = backend
+            .query(
+                redis::cmd("ZSCAN")
+                    .arg(&idx)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(limit),
+            )
+            .await?;
+        // ZSCAN answers member, score, member, score, …
+        let addresses: Vec<String> = flat.into_iter().step_by(2).collect();
+        if addresses.is_empty() {
+            return Ok((Vec::new(), (next != 0).then_some(next)));
+        }
+        let mut pipe = redis::pipe();
+        for a in &addresses {
+            pipe.cmd("HMGET")
+                .arg(format!("{sp}{a}"))
+                .arg(&["reason", "class", "at_ms"]);
+        }
+        let rows: Vec<Vec<Value>> = backend.pipeline(&pipe).await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (address, r) in addresses.into_iter().zip(rows) {
+            match r.first().and_then(text) {
+                Some(reason) => out.push(Suppressed {
+                    address,
+                    reason,
+                    class: r.get(1).and_then(text).unwrap_or_default(),
+                    at_ms: r.get(2).and_then(uint).unwrap_or(0),
+                }),
+                None => gone.push(address),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<i64, _> = backend.query(redis::cmd("ZREM").arg(&idx).arg(&gone)).await;
+        }
+        Ok((out, (next != 0).then_some(next)))
     }
 
     /// Mails per status across every daemon, and the stream length (undelivered +

@@ -23,6 +23,8 @@ pub enum MailStatus {
     Dead,
     /// Stopped by `mail.cancel`. Final.
     Cancelled,
+    /// Every recipient is on the suppression list: never sent. Final.
+    Suppressed,
     /// Only in the answer to a duplicate `mail.send`: the first mail's status
     /// record has expired.
     Expired,
@@ -30,7 +32,7 @@ pub enum MailStatus {
 
 impl MailStatus {
     /// The statuses a mail can be in (not `Expired`), in the order `stats` lists them.
-    pub const ALL: [MailStatus; 7] = [
+    pub const ALL: [MailStatus; 8] = [
         MailStatus::Queued,
         MailStatus::Scheduled,
         MailStatus::Sending,
@@ -38,6 +40,7 @@ impl MailStatus {
         MailStatus::Sent,
         MailStatus::Dead,
         MailStatus::Cancelled,
+        MailStatus::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl MailStatus {
             MailStatus::Sent => "sent",
             MailStatus::Dead => "dead",
             MailStatus::Cancelled => "cancelled",
+            MailStatus::Suppressed => "suppressed",
             MailStatus::Expired => "expired",
         }
     }
@@ -62,6 +66,7 @@ impl MailStatus {
             "sent" => MailStatus::Sent,
             "dead" => MailStatus::Dead,
             "cancelled" => MailStatus::Cancelled,
+            "suppressed" => MailStatus::Suppressed,
             "expired" => MailStatus::Expired,
             _ => return None,
         })

@@ -27,6 +27,30 @@ pub enum SendError {
     /// 5xx: no point trying again.
     #[error("{0}")]
     Permanent(String),
+    /// Every recipient was refused at RCPT: each refusal, so each recipient's class
+    /// is known. Transient while any was refused only for now.
+    #[error("every recipient was refused: {}", list(.0))]
+    Refused(Delivered),
+}
+
+fn list(d: &Delivered) -> String {
+    d.deferred
+        .iter()
+        .chain(&d.refused)
+        .map(|(r, e)| format!("{r}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl SendError {
+    /// Whether a later attempt may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SendError::Transient(_) => true,
+            SendError::Permanent(_) => false,
+            SendError::Refused(d) => !d.deferred.is_empty(),
+        }
+    }
 }
 
 /// One way of delivering mail, chosen by `mail.transport`.

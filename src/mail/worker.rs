@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::MailService;
-use super::queue::{Begin, Entry, Outcome};
+use super::bounce::{self, Class};
+use super::queue::{Begin, Entry, Outcome, Suppress};
 use super::transport::{Delivered, SendError};
 use crate::backend::Dedicated;
 use crate::config::MailConfig;
@@ -175,6 +176,37 @@ fn refusals(list: &[(String, String)]) -> String {
         .join("\n")
 }
 
+/// The refused recipients whose refusal says they do not exist.
+fn to_suppress(refused: &[(String, String)]) -> Vec<Suppress> {
+    refused
+        .iter()
+        .filter_map(|(address, reason)| {
+            let class = bounce::classify(reason);
+            class.suppresses().then(|| Suppress {
+                address: bounce::normalize(address),
+                reason: reason.clone(),
+                class,
+            })
+        })
+        .collect()
+}
+
+/// The class of a failure that ends a mail: from the server's reply; without a code
+/// (a sender the server never saw, a file that could not be written) `other`.
+fn dead_class(e: &SendError) -> Class {
+    match e {
+        SendError::Refused(d) => d
+            .refused
+            .first()
+            .map_or(Class::Other, |(_, reason)| bounce::classify(reason)),
+        SendError::Permanent(text) => match bounce::classify(text) {
+            Class::Transient => Class::Other,
+            c => c,
+        },
+        SendError::Transient(_) => Class::Transient,
+    }
+}
+
 /// Decides what a delivery attempt's result means for the mail.
 pub fn outcome_of(
     cfg: &MailConfig,
@@ -185,35 +217,61 @@ pub fn outcome_of(
     match result {
         Ok(d) if d.deferred.is_empty() => Outcome::Sent {
             refused: refusals(&d.refused),
+            suppress: to_suppress(&d.refused),
         },
         Ok(d) if exhausted => {
             // Delivered to some; the deferred ones are given up on and recorded.
+            let suppress = to_suppress(&d.refused);
             let mut all = d.refused;
             all.extend(d.deferred);
             Outcome::Sent {
                 refused: refusals(&all),
+                suppress,
             }
         }
         Ok(d) => Outcome::Retry {
             error: format!("some recipients deferred: {}", refusals(&d.deferred)),
             delay_ms: backoff_ms(cfg, attempts),
+            suppress: to_suppress(&d.refused),
             rcpts: Some(d.deferred.into_iter().map(|(r, _)| r).collect()),
             refused: refusals(&d.refused),
         },
-        Err(SendError::Permanent(e)) => Outcome::Dead {
-            error: e,
+        Err(e) if !e.is_transient() => Outcome::Dead {
+            class: dead_class(&e),
+            suppress: match &e {
+                SendError::Refused(d) => to_suppress(&d.refused),
+                _ => Vec::new(),
+            },
+            error: e.to_string(),
             refused: String::new(),
         },
-        Err(SendError::Transient(e)) if exhausted => Outcome::Dead {
+        Err(e) if exhausted => Outcome::Dead {
             error: format!("gave up after {attempts} attempts: {e}"),
             refused: String::new(),
+            class: Class::Transient,
+            suppress: match &e {
+                SendError::Refused(d) => to_suppress(&d.refused),
+                _ => Vec::new(),
+            },
         },
-        Err(SendError::Transient(e)) => Outcome::Retry {
-            error: e,
-            delay_ms: backoff_ms(cfg, attempts),
-            rcpts: None,
-            refused: String::new(),
-        },
+        Err(e) => {
+            // Only some were refused for now: retry those, suppress the others.
+            let (rcpts, suppress, refused) = match &e {
+                SendError::Refused(d) => (
+                    Some(d.deferred.iter().map(|(r, _)| r.clone()).collect()),
+                    to_suppress(&d.refused),
+                    refusals(&d.refused),
+                ),
+                _ => (None, Vec::new(), String::new()),
+            };
+            Outcome::Retry {
+                error: e.to_string(),
+                delay_ms: backoff_ms(cfg, attempts),
+                rcpts,
+                refused,
+                suppress,
+            }
+        }
     }
 }
 
@@ -344,7 +402,13 @@ async fn deliver_inner(mail: &MailService, cfg: &MailConfig, entry: &Entry) {
     loop {
         match mail
             .queue
-            .finish(backend, entry, cfg.status_retention_ms, &outcome)
+            .finish(
+                backend,
+                entry,
+                cfg.status_retention_ms,
+                &outcome,
+                cfg.suppression_ttl(),
+            )
             .await
         {
             Ok(()) => break,

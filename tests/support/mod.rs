@@ -502,6 +502,17 @@ impl SmtpSink {
         self.received().len()
     }
 
+    /// Every RCPT address the sink was asked so far (accepted or refused).
+    pub fn rcpts(&self) -> Vec<String> {
+        let mut path = self.out.clone().into_os_string();
+        path.push(".rcpt");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

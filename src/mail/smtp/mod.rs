@@ -358,18 +358,7 @@ impl SmtpPool {
         }
         if accepted == 0 {
             self.reset(conn).await;
-            let all: Vec<String> = delivered
-                .deferred
-                .iter()
-                .chain(&delivered.refused)
-                .map(|(r, e)| format!("{r}: {e}"))
-                .collect();
-            let text = format!("every recipient was refused: {}", all.join("; "));
-            return Ok(Err(if delivered.deferred.is_empty() {
-                SendError::Permanent(text)
-            } else {
-                SendError::Transient(text)
-            }));
+            return Ok(Err(SendError::Refused(delivered)));
         }
         if let Err(e) = self.cmd(&mut conn, Data).await {
             return Ok(Err(self.fail(conn, "DATA", e).await));
