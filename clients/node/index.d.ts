@@ -203,7 +203,21 @@ export interface EventStream extends AsyncIterableIterator<MailEvent> {
   readonly cursor: string | undefined;
 }
 
+export interface SuppressionEntry {
+  address: string;
+  reason: string;
+  class: string;
+  atMs: number;
+}
+
+export interface SuppressionApi {
+  list(opts?: { limit?: number; cursor?: string }): Promise<{ entries: SuppressionEntry[]; cursor?: string }>;
+  add(address: string, opts?: { reason?: string }): Promise<{ added: boolean }>;
+  remove(address: string): Promise<{ removed: boolean }>;
+}
+
 export interface MailApi {
+  readonly suppression: SuppressionApi;
   send(mail: Mail): Promise<SendResult>;
   status(mailId: string): Promise<MailStatus>;
   cancel(mailId: string): Promise<{ cancelled: boolean; [key: string]: unknown }>;

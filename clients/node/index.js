@@ -849,6 +849,8 @@ class CacheApi {
 class MailApi {
   constructor(client) {
     this.client = client;
+    /** The suppression list (`mail.suppression.*`). */
+    this.suppression = new SuppressionApi(client);
   }
 
   /**
@@ -886,6 +888,28 @@ class MailApi {
    */
   events({ since, mailId, follow = true, waitMs = 30_000 } = {}) {
     return new EventStream(this.client, { since, mailId, follow, waitMs });
+  }
+}
+
+class SuppressionApi {
+  constructor(client) {
+    this.client = client;
+  }
+
+  /** One page: `{entries: [{address, reason, class, atMs}], cursor?}` (no cursor: the end). */
+  async list({ limit, cursor } = {}) {
+    const r = await this.client.request('mail.suppression.list', { limit, cursor });
+    return { entries: mailNumbers(camelKeys(r.entries ?? [])), cursor: r.cursor ?? undefined };
+  }
+
+  /** Stops mailing `address`. */
+  async add(address, { reason } = {}) {
+    return camelKeys(await this.client.request('mail.suppression.add', { address, reason }));
+  }
+
+  /** `{removed: bool}`: whether it was on the list. */
+  async remove(address) {
+    return camelKeys(await this.client.request('mail.suppression.remove', { address }));
   }
 }
 

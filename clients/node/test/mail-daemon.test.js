@@ -113,3 +113,20 @@ test('mail.events with a bad cursor is a BAD_REQUEST on since', async (t) => {
   const stream = client.mail.events({ since: 'garbage', follow: false });
   await assert.rejects(stream.next(), (e) => e.code === 'BAD_REQUEST' && e.field === 'since');
 });
+
+test('the suppression list: add, a suppressed send, list, remove', async (t) => {
+  if (skip) return t.skip(skip);
+  await client.mail.suppression.add('Gone@Example.COM', { reason: 'left the school' });
+  const r = await client.mail.send({ to: 'Gone@example.com', subject: 's', text: 't' });
+  assert.equal(r.status, 'suppressed');
+  assert.deepEqual(r.suppressed, ['Gone@example.com']);
+  const { entries, cursor } = await client.mail.suppression.list();
+  assert.equal(cursor, undefined);
+  const e = entries.find((x) => x.address === 'Gone@example.com');
+  assert.equal(e.class, 'manual');
+  assert.equal(e.reason, 'left the school');
+  assert.equal(typeof e.atMs, 'number');
+  assert.deepEqual(await client.mail.suppression.remove('Gone@example.com'), { removed: true });
+  assert.deepEqual(await client.mail.suppression.remove('Gone@example.com'), { removed: false });
+  await assert.rejects(client.mail.suppression.add('a@b.c\r\nRCPT TO:<x@y>'), (err) => err.code === 'BAD_REQUEST' && err.field === 'address');
+});

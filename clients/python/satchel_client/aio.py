@@ -431,9 +431,26 @@ class AsyncCacheApi:
         return value
 
 
+class AsyncSuppressionApi:
+    """The suppression list (``mail.suppression.*``)."""
+
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def list(self, limit: Optional[int] = None, cursor: Optional[str] = None) -> Dict[str, Any]:
+        return await self._c.request("mail.suppression.list", limit=limit, cursor=cursor)
+
+    async def add(self, address: str, reason: Optional[str] = None) -> Dict[str, Any]:
+        return await self._c.request("mail.suppression.add", address=address, reason=reason)
+
+    async def remove(self, address: str) -> Dict[str, Any]:
+        return await self._c.request("mail.suppression.remove", address=address)
+
+
 class AsyncMailApi:
     def __init__(self, client: AsyncClient):
         self._c = client
+        self.suppression = AsyncSuppressionApi(client)
 
     async def send(self, to: Any, subject: str, **kw: Any) -> Dict[str, Any]:
         return await self._c.request("mail.send", **mail_fields(to, subject, **kw))

@@ -387,9 +387,27 @@ class CacheApi:
         return value
 
 
+class SuppressionApi:
+    """The suppression list (``mail.suppression.*``)."""
+
+    def __init__(self, client: Client):
+        self._c = client
+
+    def list(self, limit: Optional[int] = None, cursor: Optional[str] = None) -> Dict[str, Any]:
+        """One page: ``{"entries": [{address, reason, class, at_ms}], "cursor"?}``."""
+        return self._c.request("mail.suppression.list", limit=limit, cursor=cursor)
+
+    def add(self, address: str, reason: Optional[str] = None) -> Dict[str, Any]:
+        return self._c.request("mail.suppression.add", address=address, reason=reason)
+
+    def remove(self, address: str) -> Dict[str, Any]:
+        return self._c.request("mail.suppression.remove", address=address)
+
+
 class MailApi:
     def __init__(self, client: Client):
         self._c = client
+        self.suppression = SuppressionApi(client)
 
     def send(self, to: Any, subject: str, **kw: Any) -> Dict[str, Any]:
         """Queues a mail; returns ``{"mail_id", "status", "duplicate"}``. Keywords: cc, bcc,

@@ -128,3 +128,18 @@ def test_async_events_iterate_and_resume(stack):
             await c.close()
 
     asyncio.run(run())
+
+
+def test_suppression_list_add_send_list_remove(client):
+    client.mail.suppression.add("Gone@Example.COM", reason="left the school")
+    r = client.mail.send("Gone@example.com", "s", text="t")
+    assert (r["status"], r["suppressed"]) == ("suppressed", ["Gone@example.com"])
+    page = client.mail.suppression.list()
+    assert "cursor" not in page
+    entry = [e for e in page["entries"] if e["address"] == "Gone@example.com"][0]
+    assert (entry["class"], entry["reason"]) == ("manual", "left the school")
+    assert client.mail.suppression.remove("Gone@example.com") == {"removed": True}
+    assert client.mail.suppression.remove("Gone@example.com") == {"removed": False}
+    with pytest.raises(SatchelError) as e:
+        client.mail.suppression.add("a@b.c\r\nRCPT TO:<x@y>")
+    assert (e.value.code, e.value.field) == ("BAD_REQUEST", "address")
