@@ -8,7 +8,6 @@
 //! waiting poll when the stream grows; the polls then read with a plain `XRANGE`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,35 +46,86 @@ pub struct Event {
 }
 
 impl Event {
-    fn from_entry(id: String, map: &HashMap<String, Value>) -> Event {
+    /// The events of one stream entry: one transition (`mail_id`, `status`, …), or
+    /// the mails one enqueue script run queued (`n`, `at_ms`, then `m<i>`, `s<i>`,
+    /// `t<i>`, `o<i>` for i in 1..=n), whose events are `<entry id>.<i>`.
+    fn of_entry(id: &str, map: &HashMap<String, Value>) -> Vec<Event> {
         let s = |k: &str| map.get(k).and_then(text);
-        Event {
-            event_id: id,
-            mail_id: s("mail_id").unwrap_or_default(),
-            status: s("status").unwrap_or_default(),
-            attempts: s("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
-            at_ms: s("at_ms").and_then(|a| a.parse().ok()).unwrap_or(0),
-            error: s("error"),
-            class: s("class"),
-            to: s("to")
-                .map(|t| super::queue::split_list(&t))
-                .unwrap_or_default(),
-            owner: s("owner").and_then(|o| o.parse().ok()),
-        }
+        let num = |k: &str| s(k).and_then(|a| a.parse::<u64>().ok());
+        let to = |k: &str| {
+            s(k).map(|t| super::queue::split_list(&t))
+                .unwrap_or_default()
+        };
+        let Some(n) = num("n") else {
+            return vec![Event {
+                event_id: id.to_owned(),
+                mail_id: s("mail_id").unwrap_or_default(),
+                status: s("status").unwrap_or_default(),
+                attempts: num("attempts").unwrap_or(0),
+                at_ms: num("at_ms").unwrap_or(0),
+                error: s("error"),
+                class: s("class"),
+                to: to("to"),
+                owner: s("owner").and_then(|o| o.parse().ok()),
+            }];
+        };
+        let at_ms = num("at_ms").unwrap_or(0);
+        (1..=n)
+            .map(|i| Event {
+                event_id: format!("{id}.{i}"),
+                mail_id: s(&format!("m{i}")).unwrap_or_default(),
+                status: s(&format!("s{i}")).unwrap_or_default(),
+                attempts: 0,
+                at_ms,
+                error: None,
+                class: None,
+                to: to(&format!("t{i}")),
+                owner: s(&format!("o{i}")).and_then(|o| o.parse().ok()),
+            })
+            .collect()
     }
 }
 
-/// A cursor is a stream id, `<ms>-<seq>`; `0` (or `0-0`) means "from the oldest kept".
-pub fn parse_cursor(s: &str) -> Option<(u64, u64)> {
-    if s == "0" {
-        return Some((0, 0));
+/// Where a cursor points: a stream entry, and within an enqueue batch's entry the
+/// last event already read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub ms: u64,
+    pub seq: u64,
+    pub sub: Option<u64>,
+}
+
+impl Cursor {
+    fn entry(&self) -> String {
+        format!("{}-{}", self.ms, self.seq)
     }
-    let (ms, seq) = s.split_once('-')?;
+}
+
+/// A cursor is an event id: a stream id `<ms>-<seq>`, or `<ms>-<seq>.<i>` for an event
+/// of an enqueue batch; `0` (or `0-0`) means "from the oldest kept".
+pub fn parse_cursor(s: &str) -> Option<Cursor> {
+    if s == "0" {
+        return Some(Cursor {
+            ms: 0,
+            seq: 0,
+            sub: None,
+        });
+    }
     let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+    let (id, sub) = match s.split_once('.') {
+        Some((id, sub)) if digits(sub) => (id, Some(sub.parse().ok()?)),
+        Some(_) => return None,
+        None => (s, None),
+    };
+    let (ms, seq) = id.split_once('-')?;
     if !digits(ms) || !digits(seq) {
         return None;
     }
-    Some((ms.parse().ok()?, seq.parse().ok()?))
+    Some(Cursor {
+        ms: ms.parse().ok()?,
+        seq: seq.parse().ok()?,
+        sub,
+    })
 }
 
 /// What one poll asks for.
@@ -104,17 +154,19 @@ impl From<BackendError> for CursorError {
 }
 
 impl Queue {
-    /// Events after `after` (exclusive), oldest first, at most `count`.
-    async fn events_after(
+    /// Events after `after`, oldest first, from at most [`SCAN_BATCH`] stream
+    /// entries; and whether there may be more.
+    async fn events_page(
         &self,
         backend: &Backend,
-        after: &str,
-        count: usize,
-    ) -> Result<Vec<Event>, BackendError> {
-        let start = if after == "0-0" {
-            "-".to_owned()
-        } else {
-            format!("({after}")
+        after: Cursor,
+    ) -> Result<(Vec<Event>, bool), BackendError> {
+        let count = SCAN_BATCH;
+        let start = match after {
+            Cursor { ms: 0, seq: 0, .. } => "-".to_owned(),
+            // Part of that entry's batch is still to come.
+            Cursor { sub: Some(_), .. } => after.entry(),
+            _ => format!("({}", after.entry()),
         };
         let reply: StreamRangeReply = backend
             .query(
@@ -126,11 +178,21 @@ impl Queue {
                     .arg(count),
             )
             .await?;
-        Ok(reply
+        let past = |e: &Event| match (after.sub, e.event_id.rsplit_once('.')) {
+            (Some(read), Some((entry, i))) if entry == after.entry() => {
+                i.parse::<u64>().is_ok_and(|i| i <= read)
+            }
+            (Some(_), None) => e.event_id == after.entry(),
+            _ => false,
+        };
+        let full = reply.ids.len() == count;
+        let events = reply
             .ids
-            .into_iter()
-            .map(|e| Event::from_entry(e.id, &e.map))
-            .collect())
+            .iter()
+            .flat_map(|e| Event::of_entry(&e.id, &e.map))
+            .filter(|e| !past(e))
+            .collect();
+        Ok((events, full))
     }
 
     /// The id of the newest event ("0-0" when there is none).
@@ -157,7 +219,7 @@ impl Queue {
     async fn events_trimmed_past(
         &self,
         backend: &Backend,
-        since: (u64, u64),
+        since: Cursor,
     ) -> Result<bool, BackendError> {
         let info: Result<HashMap<String, Value>, _> = backend
             .query(redis::cmd("XINFO").arg("STREAM").arg(&self.events))
@@ -180,7 +242,7 @@ impl Queue {
         };
         let removed = num("entries-added") > num("length");
         Ok(match first.as_deref().and_then(parse_cursor) {
-            Some(first) => removed && since < first,
+            Some(first) => removed && (since.ms, since.seq) < (first.ms, first.seq),
             None => false,
         })
     }
@@ -194,29 +256,33 @@ impl Queue {
         poll: Poll<'_>,
     ) -> Result<(Vec<Event>, String), CursorError> {
         let mut cursor = match poll.since {
-            None => self.events_last_id(backend).await?,
+            None => {
+                let last = self.events_last_id(backend).await?;
+                parse_cursor(&last)
+                    .ok_or_else(|| BackendError::Reply(format!("stream id {last}")))?
+            }
             Some(s) => {
                 let parsed = parse_cursor(s).ok_or(CursorError::Malformed)?;
-                if parsed != (0, 0) && self.events_trimmed_past(backend, parsed).await? {
+                if (parsed.ms, parsed.seq) != (0, 0)
+                    && self.events_trimmed_past(backend, parsed).await?
+                {
                     return Err(CursorError::Expired);
                 }
-                if parsed == (0, 0) {
-                    "0-0".to_owned()
-                } else {
-                    s.to_owned()
-                }
+                parsed
             }
         };
         let deadline = tokio::time::Instant::now() + poll.wait;
-        let mut woken = tail.subscribe();
+        // Only a poll that may wait wants the tail to read.
+        let mut woken = (!poll.wait.is_zero()).then(|| tail.subscribe());
         let mut scans = 0;
         loop {
-            woken.borrow_and_update();
-            let batch = self.events_after(backend, &cursor, SCAN_BATCH).await?;
-            let full = batch.len() == SCAN_BATCH;
+            if let Some(w) = woken.as_mut() {
+                w.borrow_and_update();
+            }
+            let (batch, full) = self.events_page(backend, cursor).await?;
             let mut out = Vec::new();
             for e in batch {
-                cursor = e.event_id.clone();
+                cursor = parse_cursor(&e.event_id).unwrap_or(cursor);
                 let mine = match poll.scope {
                     Scope::All => true,
                     Scope::Owner(uid) => e.owner == Some(uid),
@@ -234,69 +300,98 @@ impl Queue {
             }
             scans += 1;
             if !out.is_empty() || scans >= MAX_SCANS {
-                return Ok((out, cursor));
+                return Ok((out, cursor_text(cursor)));
             }
             if full {
                 continue;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, woken.changed()).await.is_err() {
-                return Ok((out, cursor));
+            let Some(w) = woken.as_mut().filter(|_| !left.is_zero()) else {
+                return Ok((out, cursor_text(cursor)));
+            };
+            if tokio::time::timeout(left, w.changed()).await.is_err() {
+                return Ok((out, cursor_text(cursor)));
             }
         }
     }
 }
 
-/// Wakes long polls when the event stream grows.
+fn cursor_text(c: Cursor) -> String {
+    match c.sub {
+        Some(i) => format!("{}.{i}", c.entry()),
+        None => c.entry(),
+    }
+}
+
+/// Wakes long polls when the event stream grows. It reads the stream only while a
+/// poll waits: with nobody following, events cost the daemon and Redis nothing
+/// beyond their `XADD`s.
 #[derive(Debug)]
 pub struct Tail {
     grew: watch::Sender<u64>,
+    wanted: tokio::sync::Notify,
 }
 
 impl Default for Tail {
     fn default() -> Self {
         Tail {
             grew: watch::Sender::new(0),
+            wanted: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl Tail {
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.grew.subscribe()
+        let rx = self.grew.subscribe();
+        self.wanted.notify_one();
+        rx
     }
 
-    /// Blocks in `XREAD` after the newest event it has seen, on a connection of its
-    /// own, until shutdown; every new event wakes the waiting polls.
+    fn wake(&self) {
+        self.grew.send_modify(|n| *n += 1);
+    }
+
+    /// Until shutdown: waits for a poll to wait, then blocks in `XREAD` after the
+    /// newest event it has seen, on a connection of its own, waking the polls on
+    /// every new event, until none waits.
     pub async fn run(&self, backend: Arc<Backend>, queue: Queue, shutdown: CancellationToken) {
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.follow(&backend, &queue) => {}
+            while self.grew.receiver_count() == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.wanted.notified() => {}
+                }
             }
-            // Polls waiting now would miss what arrives while the tail reconnects.
-            self.grew.send_modify(|n| *n += 1);
-            tokio::select! {
+            let failed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(RETRY_AFTER) => {}
+                r = self.follow(&backend, &queue) => r.is_err(),
+            };
+            // A poll that subscribed while the tail was not reading re-checks now.
+            self.wake();
+            if failed {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                }
             }
         }
     }
 
-    /// Follows the stream until an error.
-    async fn follow(
-        &self,
-        backend: &Arc<Backend>,
-        queue: &Queue,
-    ) -> Result<Infallible, BackendError> {
+    /// Follows the stream while anyone waits; an error ends it.
+    async fn follow(&self, backend: &Arc<Backend>, queue: &Queue) -> Result<(), BackendError> {
         let mut conn = backend.dedicated().await?;
         let mut last = queue.events_last_id(backend).await?;
-        loop {
+        // Events that came before `last` was read are in the polls' own XRANGE.
+        self.wake();
+        while self.grew.receiver_count() > 0 {
             let reply: Option<StreamReadReply> = conn
                 .query(
                     redis::cmd("XREAD")
+                        .arg("COUNT")
+                        .arg(1)
                         .arg("BLOCK")
-                        .arg(5000)
+                        .arg(1000)
                         .arg("STREAMS")
                         .arg(&queue.events)
                         .arg(&last),
@@ -306,10 +401,12 @@ impl Tail {
                 .and_then(|r| r.keys.into_iter().next())
                 .and_then(|k| k.ids.into_iter().last());
             if let Some(e) = newest {
-                last = e.id;
-                self.grew.send_modify(|n| *n += 1);
+                // The polls read the rest themselves: start after the newest now.
+                last = queue.events_last_id(backend).await.unwrap_or(e.id);
+                self.wake();
             }
         }
+        Ok(())
     }
 }
 
@@ -318,13 +415,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursors_are_stream_ids() {
+    fn cursors_are_event_ids() {
+        let c = |ms, seq, sub| Some(Cursor { ms, seq, sub });
         assert_eq!(
             parse_cursor("1700000000000-3"),
-            Some((1_700_000_000_000, 3))
+            c(1_700_000_000_000, 3, None)
         );
-        assert_eq!(parse_cursor("0"), Some((0, 0)));
-        assert_eq!(parse_cursor("0-0"), Some((0, 0)));
+        assert_eq!(
+            parse_cursor("1700000000000-3.12"),
+            c(1_700_000_000_000, 3, Some(12))
+        );
+        assert_eq!(parse_cursor("0"), c(0, 0, None));
+        assert_eq!(parse_cursor("0-0"), c(0, 0, None));
+        assert_eq!(cursor_text(c(5, 1, Some(2)).unwrap()), "5-1.2");
         for bad in [
             "",
             "-",
@@ -336,6 +439,9 @@ mod tests {
             "$",
             "+",
             "99999999999999999999999-1",
+            "1-2.",
+            "1-2.x",
+            "1-2.3.4",
         ] {
             assert_eq!(parse_cursor(bad), None, "{bad:?}");
         }
