@@ -82,6 +82,17 @@ pub struct MailConfig {
     pub suppression: bool,
     /// How long an address stays on the suppression list.
     pub suppress_ttl_ms: u64,
+    /// Where events are POSTed (`http://` or `https://`); `""` = no webhooks.
+    pub webhook_url: String,
+    /// The HMAC-SHA256 key of `X-Satchel-Signature`; required with `webhook_url`.
+    pub webhook_secret: String,
+    /// The statuses whose events are sent.
+    pub webhook_events: Vec<String>,
+    pub webhook_timeout_ms: u64,
+    /// First retry delay of a failed POST; doubles with jitter, capped at 10 minutes.
+    pub webhook_retry_base_ms: u64,
+    /// An event that has failed this long is dropped (logged and counted).
+    pub webhook_max_age_ms: u64,
 }
 
 /// `smtp_url` in the file and the environment is a string, `""` meaning none.
@@ -138,6 +149,12 @@ impl Default for MailConfig {
             events_max: 100_000,
             suppression: true,
             suppress_ttl_ms: 30 * 24 * 3600 * 1000,
+            webhook_url: String::new(),
+            webhook_secret: String::new(),
+            webhook_events: vec!["sent".into(), "dead".into(), "suppressed".into()],
+            webhook_timeout_ms: 5_000,
+            webhook_retry_base_ms: 1_000,
+            webhook_max_age_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -207,6 +224,9 @@ impl MailConfig {
             ("smtp_command_timeout_ms", self.smtp_command_timeout_ms),
             ("events_max", self.events_max),
             ("suppress_ttl_ms", self.suppress_ttl_ms),
+            ("webhook_timeout_ms", self.webhook_timeout_ms),
+            ("webhook_retry_base_ms", self.webhook_retry_base_ms),
+            ("webhook_max_age_ms", self.webhook_max_age_ms),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -220,6 +240,37 @@ impl MailConfig {
         }
         if self.min_replicas_ack > 64 {
             return Err(invalid("min_replicas_ack", "must be at most 64"));
+        }
+        if !self.webhook_url.is_empty() {
+            match reqwest::Url::parse(&self.webhook_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(invalid(
+                        "webhook_url",
+                        format!(
+                            "must be an http:// or https:// URL, got {:?}",
+                            self.webhook_url
+                        ),
+                    ));
+                }
+            }
+            if self.webhook_secret.is_empty() {
+                return Err(invalid(
+                    "webhook_secret",
+                    "required with webhook_url (it signs every POST)",
+                ));
+            }
+        }
+        for st in &self.webhook_events {
+            if !crate::mail::MailStatus::ALL
+                .iter()
+                .any(|m| m.as_str() == st)
+            {
+                return Err(invalid(
+                    "webhook_events",
+                    format!("{st:?} is not a mail status"),
+                ));
+            }
         }
         if self.concurrency > 4096 {
             return Err(invalid("concurrency", "must be at most 4096"));

@@ -638,6 +638,9 @@ impl Config {
         if !shown.redis.password.is_empty() {
             shown.redis.password = "<redacted>".into();
         }
+        if !shown.mail.webhook_secret.is_empty() {
+            shown.mail.webhook_secret = "<redacted>".into();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

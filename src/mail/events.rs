@@ -49,7 +49,7 @@ impl Event {
     /// The events of one stream entry: one transition (`mail_id`, `status`, …), or
     /// the mails one enqueue script run queued (`n`, `at_ms`, then `m<i>`, `s<i>`,
     /// `t<i>`, `o<i>` for i in 1..=n), whose events are `<entry id>.<i>`.
-    fn of_entry(id: &str, map: &HashMap<String, Value>) -> Vec<Event> {
+    pub(crate) fn of_entry(id: &str, map: &HashMap<String, Value>) -> Vec<Event> {
         let s = |k: &str| map.get(k).and_then(text);
         let num = |k: &str| s(k).and_then(|a| a.parse::<u64>().ok());
         let to = |k: &str| {

@@ -25,6 +25,7 @@ pub mod queue;
 pub mod smtp;
 pub mod status;
 pub mod transport;
+pub mod webhooks;
 pub mod worker;
 
 use std::sync::Arc;
@@ -162,6 +163,8 @@ pub struct MailService {
     pub counters: MailCounters,
     /// Wakes `mail.events` long polls.
     tail: events::Tail,
+    /// Signed webhooks (run when `mail.webhook_url` is set at start).
+    webhooks: Arc<webhooks::Webhooks>,
     /// This daemon's consumer name in the group: unique per process.
     consumer: String,
 }
@@ -180,12 +183,14 @@ impl MailService {
         config: Arc<ArcSwap<Config>>,
     ) -> Result<Arc<MailService>, String> {
         let cfg = config.load();
+        let queue = Queue::new(backend.prefix(), backend.is_cluster(), cfg.mail.events_max);
         Ok(Arc::new(MailService {
-            queue: Queue::new(backend.prefix(), backend.is_cluster(), cfg.mail.events_max),
+            queue: queue.clone(),
             enqueuer: Arc::default(),
             transport: Arc::new(Transport::from_config(&cfg.mail)?),
             counters: MailCounters::default(),
             tail: events::Tail::default(),
+            webhooks: Arc::new(webhooks::Webhooks::new(&queue.events)?),
             render_slots: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             )),
@@ -260,6 +265,13 @@ impl Service for MailService {
                 .run(me.backend.clone(), me.queue.clone(), token)
                 .await
         });
+        if !self.config.load().mail.webhook_url.is_empty() {
+            tasks.spawn(
+                self.webhooks
+                    .clone()
+                    .run(self.clone(), shutdown.child_token()),
+            );
+        }
         tasks.spawn(worker::run(
             self.clone(),
             shutdown.child_token(),
@@ -772,6 +784,18 @@ impl MailService {
             Sample::counter("mail.local_dead", c.dead.get()),
             Sample::counter("mail.local_reclaimed", c.reclaimed.get()),
             Sample::counter("mail.under_replicated", c.under_replicated.get()),
+            Sample::counter(
+                "mail.webhooks_delivered",
+                self.webhooks.counters.delivered.get(),
+            ),
+            Sample::counter(
+                "mail.webhooks_failed_attempts",
+                self.webhooks.counters.failed_attempts.get(),
+            ),
+            Sample::counter(
+                "mail.webhooks_dropped",
+                self.webhooks.counters.dropped.get(),
+            ),
             Sample::gauge(
                 "mail.delivery_rate",
                 c.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0,
