@@ -355,6 +355,47 @@ async fn a_failover_of_the_mail_shard_under_load_loses_no_acknowledged_mail() {
             .any(|m| field(m, "mail_id").as_str() == Some(bounce.mail_id.as_str()))
     );
     c.mail_retry(&bounce.mail_id).await.unwrap();
+    // The events of these mails, and the bounce's address on the suppression list
+    // (it bounced with 550 5.1.1), all on the mail shard.
+    let (events, _) = c
+        .mail_events(Some("0"), Some(1000), None, None)
+        .await
+        .unwrap();
+    let of = |id: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| field(e, "mail_id").as_str() == Some(id))
+            .map(|e| field(e, "status").as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(of(&q.mail_id), ["queued", "sending", "sent"]);
+    assert_eq!(of(&later.mail_id), ["scheduled", "cancelled"]);
+    assert!(of(&bounce.mail_id).starts_with(&[
+        "queued".into(),
+        "sending".into(),
+        "dead".into(),
+        "queued".into()
+    ]));
+    let (listed, _) = c.mail_suppression_list(None, None).await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|e| field(e, "address").as_str() == Some("reject550@example.com")),
+        "{listed:?}"
+    );
+    let skipped = c
+        .mail_send(&Mail {
+            to: vec!["reject550@example.com".into()],
+            ..mail("skipped".into())
+        })
+        .await
+        .unwrap();
+    assert_eq!(skipped.status, "suppressed");
+    assert!(
+        c.mail_suppression_remove("reject550@example.com")
+            .await
+            .unwrap()
+    );
 
     let load = MixedLoad::start(&d, 4).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
