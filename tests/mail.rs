@@ -1442,3 +1442,68 @@ async fn a_large_mail_travels_in_pieces_through_retries_and_its_body_is_removed_
     );
     assert!(!body_key_exists(&redis, &id));
 }
+
+#[tokio::test]
+async fn opportunistic_starttls_delivers_to_a_relay_with_a_self_signed_certificate() {
+    // A stock relay (Postfix's snakeoil certificate): STARTTLS offered, a certificate
+    // no CA vouches for.
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let port = unused_port();
+    let sink = SmtpSink::start_with(
+        port,
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    // The default: smtp:// is tls=opportunistic.
+    let env = with(
+        fast(port),
+        "SATCHEL_MAIL_SMTP_URL",
+        &format!("smtp://localhost:{port}"),
+    );
+    let daemon = start(&redis, &env);
+    let c = daemon.client().await;
+    for _ in 0..2 {
+        let id = s(&send(&c, basic("ann@example.com")).await, "mail_id").to_owned();
+        wait_status(&c, &id, "sent").await;
+    }
+    let got = sink.received();
+    assert!(got.iter().all(|m| m["tls"] == true), "encrypted: {got:?}");
+    let warned = daemon
+        .log_text()
+        .matches("certificate does not verify; sending over unverified TLS")
+        .count();
+    assert_eq!(warned, 1, "logged once per relay");
+
+    // tls=required insists on a verified certificate: retrying, and it says why.
+    let env = with(
+        env,
+        "SATCHEL_MAIL_SMTP_URL",
+        &format!("smtp://localhost:{port}?tls=required"),
+    );
+    drop(daemon);
+    let daemon = start(&redis, &env);
+    let c = daemon.client().await;
+    let id = s(&send(&c, basic("bob@example.com")).await, "mail_id").to_owned();
+    let st = wait_status(&c, &id, "retrying").await;
+    assert!(s(&st, "last_error").contains("certificate"), "{st}");
+    // … and with the CA it delivers.
+    let env = with(env, "SATCHEL_MAIL_TLS_CA_FILE", cert_path.to_str().unwrap());
+    drop(daemon);
+    let daemon = start(&redis, &env);
+    let c = daemon.client().await;
+    wait_status(&c, &id, "sent").await;
+    assert!(
+        !daemon.log_text().contains("unverified TLS"),
+        "tls=required never falls back"
+    );
+}

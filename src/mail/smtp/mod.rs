@@ -12,6 +12,7 @@ mod tls;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lettre::Address;
@@ -38,6 +39,13 @@ const MAX_IDLE: Duration = Duration::from_secs(30);
 pub struct SmtpPool {
     url: SmtpUrl,
     tls: Option<TlsParameters>,
+    /// `tls=opportunistic`: the same, without certificate checks, for a relay whose
+    /// certificate does not verify (RFC 7435: encrypted, unauthenticated beats
+    /// plaintext; Postfix's `may`).
+    unverified: Option<TlsParameters>,
+    /// Set once this relay's certificate failed to verify: later connections go
+    /// unverified at once, and the warning is logged once.
+    relay_unverified: AtomicBool,
     hello: ClientId,
     idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
     max_idle_conns: usize,
@@ -108,6 +116,12 @@ impl fmt::Display for Fail {
     }
 }
 
+/// Whether a failed setup was the relay's certificate not verifying (rustls says
+/// "invalid peer certificate: UnknownIssuer / NotValidForName / Expired …").
+fn certificate_problem(error: &str) -> bool {
+    error.starts_with("STARTTLS") && error.contains("certificate")
+}
+
 fn smtp_error(stage: &str, e: impl Into<Fail>) -> SendError {
     let e = e.into();
     let text = format!("{stage}: {e}");
@@ -124,18 +138,31 @@ impl SmtpPool {
             .smtp_url
             .clone()
             .ok_or("mail.smtp_url is required for the SMTP transport")?;
-        let tls = if url.tls == TlsMode::None {
-            None
-        } else {
+        let params = |verify: bool| -> Result<TlsParameters, String> {
             let mut builder = TlsParameters::builder(url.host.clone());
             if let Some(pem) = &cfg.tls_ca_pem {
                 let cert = Certificate::from_pem(pem)
                     .map_err(|e| format!("mail.tls_ca_file {}: {e}", cfg.tls_ca_file))?;
                 builder = builder.add_root_certificate(cert);
             }
-            Some(builder.build_rustls().map_err(|e| e.to_string())?)
+            if !verify {
+                builder = builder
+                    .dangerous_accept_invalid_certs(true)
+                    .dangerous_accept_invalid_hostnames(true);
+            }
+            builder.build_rustls().map_err(|e| e.to_string())
+        };
+        let tls = match url.tls {
+            TlsMode::None => None,
+            _ => Some(params(true)?),
+        };
+        let unverified = match url.tls {
+            TlsMode::Opportunistic => Some(params(false)?),
+            _ => None,
         };
         Ok(SmtpPool {
+            relay_unverified: AtomicBool::new(false),
+            unverified,
             url,
             tls,
             hello: ClientId::Domain(crate::host::hostname()),
@@ -177,8 +204,35 @@ impl SmtpPool {
     }
 
     /// Connects, greets, upgrades to TLS and authenticates, all within the connect
-    /// timeout.
+    /// timeout. With `tls=opportunistic`, a relay whose certificate does not verify
+    /// is connected to again and used unverified (logged once per relay).
     pub async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let unverified = self.unverified.as_ref();
+        if self.relay_unverified.load(Ordering::Relaxed) {
+            return self.connect_with(unverified).await;
+        }
+        match self.connect_with(None).await {
+            Err(SendError::Transient(e)) if unverified.is_some() && certificate_problem(&e) => {
+                if !self.relay_unverified.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        relay = %self.url.host,
+                        error = %e,
+                        "the SMTP relay's certificate does not verify; sending over unverified TLS \
+                         (smtp_url tls=opportunistic; use tls=required with mail.tls_ca_file to insist)"
+                    );
+                }
+                self.connect_with(unverified).await
+            }
+            other => other,
+        }
+    }
+
+    /// One connection attempt; `starttls_params` replaces the verified parameters
+    /// for an opportunistic STARTTLS.
+    async fn connect_with(
+        &self,
+        starttls_params: Option<&TlsParameters>,
+    ) -> Result<AsyncSmtpConnection, SendError> {
         let addr = (self.url.host.as_str(), self.url.port);
         let setup = async {
             let mut conn = match (self.url.tls, &self.tls) {
@@ -222,7 +276,8 @@ impl SmtpPool {
                         .map_err(|e| smtp_error("STARTTLS", e))?;
                 }
                 (TlsMode::Opportunistic, Some(tls)) if conn.can_starttls() => {
-                    conn.starttls(tls.clone(), &self.hello)
+                    let params = starttls_params.unwrap_or(tls);
+                    conn.starttls(params.clone(), &self.hello)
                         .await
                         .map_err(|e| smtp_error("STARTTLS", e))?;
                 }
