@@ -216,8 +216,23 @@ export interface SuppressionApi {
   remove(address: string): Promise<{ removed: boolean }>;
 }
 
+export interface MailTemplate {
+  name?: string;
+  subject: string;
+  text?: string;
+  html?: string;
+}
+
+export interface TemplateApi {
+  put(name: string, template: MailTemplate): Promise<{ stored: boolean }>;
+  get(name: string): Promise<MailTemplate>;
+  delete(name: string): Promise<{ deleted: boolean }>;
+  list(): Promise<string[]>;
+}
+
 export interface MailApi {
   readonly suppression: SuppressionApi;
+  readonly template: TemplateApi;
   send(mail: Mail): Promise<SendResult>;
   status(mailId: string): Promise<MailStatus>;
   cancel(mailId: string): Promise<{ cancelled: boolean; [key: string]: unknown }>;

@@ -851,6 +851,8 @@ class MailApi {
     this.client = client;
     /** The suppression list (`mail.suppression.*`). */
     this.suppression = new SuppressionApi(client);
+    /** Shared templates (`mail.template.*`); send with `{to, template, vars}`. */
+    this.template = new TemplateApi(client);
   }
 
   /**
@@ -888,6 +890,32 @@ class MailApi {
    */
   events({ since, mailId, follow = true, waitMs = 30_000 } = {}) {
     return new EventStream(this.client, { since, mailId, follow, waitMs });
+  }
+}
+
+class TemplateApi {
+  constructor(client) {
+    this.client = client;
+  }
+
+  /** Stores (or replaces) a template: `{subject, text?, html?}` (minijinja). */
+  async put(name, { subject, text, html }) {
+    return camelKeys(await this.client.request('mail.template.put', { name, subject, text, html }));
+  }
+
+  /** `{name, subject, text?, html?}`; NOT_FOUND when there is none. */
+  async get(name) {
+    return camelKeys(await this.client.request('mail.template.get', { name }));
+  }
+
+  /** `{deleted: bool}`. */
+  async delete(name) {
+    return camelKeys(await this.client.request('mail.template.delete', { name }));
+  }
+
+  /** The templates' names. */
+  async list() {
+    return (await this.client.request('mail.template.list', {})).templates ?? [];
   }
 }
 

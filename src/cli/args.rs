@@ -28,6 +28,8 @@ impl Global {
     }
 }
 
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Check that the daemon answers.
@@ -91,7 +93,8 @@ pub struct SendArgs {
     pub from: Option<String>,
     #[arg(long)]
     pub reply_to: Option<String>,
-    #[arg(long)]
+    /// Required unless --template names a stored template.
+    #[arg(long, required_unless_present = "template", default_value = "")]
     pub subject: String,
     #[arg(long)]
     pub text: Option<String>,
@@ -108,6 +111,12 @@ pub struct SendArgs {
     /// Send at this Unix time in milliseconds.
     #[arg(long)]
     pub send_at_ms: Option<u64>,
+    /// Render the mail from this stored template (`mail template put`).
+    #[arg(long, conflicts_with_all = ["text", "html"])]
+    pub template: Option<String>,
+    /// The template's variables, as a JSON object.
+    #[arg(long, requires = "template")]
+    pub vars: Option<String>,
 }
 
 // Parsed once per process: the size difference between variants costs nothing.
@@ -130,6 +139,9 @@ pub enum MailCommand {
     /// The suppression list: addresses that are not mailed (they do not exist).
     #[command(subcommand)]
     Suppression(SuppressionCommand),
+    /// Shared mail templates (minijinja), rendered at `mail send --template`.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Print mail events (status transitions), oldest first: those after --since,
     /// else (with --follow) the new ones from now on. Each line ends with the event's
     /// id; pass the last one as --since to resume.
@@ -158,4 +170,28 @@ pub enum SuppressionCommand {
     },
     /// Mail an address again (exit 3 if it was not on the list).
     Remove { address: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Store (or replace) a template.
+    Put {
+        name: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long, conflicts_with = "text_file")]
+        text: Option<String>,
+        #[arg(long, conflicts_with = "html_file")]
+        html: Option<String>,
+        #[arg(long)]
+        text_file: Option<String>,
+        #[arg(long)]
+        html_file: Option<String>,
+    },
+    /// Print a template.
+    Get { name: String },
+    /// Delete a template (exit 3 if there was none).
+    Delete { name: String },
+    /// Print the templates' names.
+    List,
 }

@@ -3,7 +3,9 @@
 
 use rmpv::Value;
 
-use super::args::{CacheCommand, ClientCommand, MailCommand, SendArgs, SuppressionCommand};
+use super::args::{
+    CacheCommand, ClientCommand, MailCommand, SendArgs, SuppressionCommand, TemplateCommand,
+};
 use super::output::from_json;
 use crate::client::{Client, ClientError};
 
@@ -91,6 +93,7 @@ async fn mail(cmd: MailCommand, c: Client, json: bool) -> Result<Outcome, Client
             mail_id,
         } => return events(&c, since, follow, mail_id, json).await,
         MailCommand::Suppression(cmd) => return suppression(&c, cmd).await,
+        MailCommand::Template(cmd) => return template(&c, cmd).await,
         MailCommand::Send(args) => {
             let q = c.mail_send(&mail_of(args)?).await?;
             let mut out = vec![
@@ -113,6 +116,44 @@ async fn mail(cmd: MailCommand, c: Client, json: bool) -> Result<Outcome, Client
             "not cancelled (already sending or finished)"
         }),
     }))
+}
+
+async fn template(c: &Client, cmd: TemplateCommand) -> Result<Outcome, ClientError> {
+    let read = |path: Option<String>| -> Result<Option<String>, ClientError> {
+        path.map(|p| std::fs::read_to_string(&p).map_err(|e| invalid_input(format!("{p}: {e}"))))
+            .transpose()
+    };
+    Ok(match cmd {
+        TemplateCommand::Put {
+            name,
+            subject,
+            text,
+            html,
+            text_file,
+            html_file,
+        } => {
+            let text = text.or(read(text_file)?);
+            let html = html.or(read(html_file)?);
+            c.mail_template_put(&name, &subject, text.as_deref(), html.as_deref())
+                .await?;
+            Outcome::Value(Value::from(format!("stored {name}")))
+        }
+        TemplateCommand::Get { name } => Outcome::Value(c.mail_template_get(&name).await?),
+        TemplateCommand::Delete { name } => {
+            if c.mail_template_delete(&name).await? {
+                Outcome::Value(Value::from(format!("deleted {name}")))
+            } else {
+                Outcome::NotFound(format!("no template named {name}"))
+            }
+        }
+        TemplateCommand::List => Outcome::Value(Value::Array(
+            c.mail_template_list()
+                .await?
+                .into_iter()
+                .map(Value::from)
+                .collect(),
+        )),
+    })
 }
 
 async fn suppression(c: &Client, cmd: SuppressionCommand) -> Result<Outcome, ClientError> {
@@ -230,6 +271,15 @@ fn mail_of(a: SendArgs) -> Result<crate::client::Mail, ClientError> {
         attachments,
         idempotency_key: a.idempotency_key,
         send_at_ms: a.send_at_ms,
+        vars: match &a.vars {
+            None => None,
+            Some(json) => {
+                let parsed: serde_json::Value = serde_json::from_str(json)
+                    .map_err(|e| invalid_input(format!("--vars is not JSON: {e}")))?;
+                Some(from_json(&parsed))
+            }
+        },
+        template: a.template,
     })
 }
 

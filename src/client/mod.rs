@@ -620,6 +620,10 @@ pub struct Mail {
     pub attachments: Vec<Attachment>,
     pub idempotency_key: Option<String>,
     pub send_at_ms: Option<u64>,
+    /// Render subject, text and html from this stored template (`mail.template.put`)
+    /// with `vars`, instead of giving them.
+    pub template: Option<String>,
+    pub vars: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -649,10 +653,16 @@ fn strings(items: &[String]) -> Value {
 
 impl Mail {
     fn fields(&self) -> Vec<(&'static str, Value)> {
-        let mut f = vec![
-            ("to", strings(&self.to)),
-            ("subject", Value::from(self.subject.as_str())),
-        ];
+        let mut f = vec![("to", strings(&self.to))];
+        match &self.template {
+            Some(t) => {
+                f.push(("template", Value::from(t.as_str())));
+                if let Some(v) = &self.vars {
+                    f.push(("vars", v.clone()));
+                }
+            }
+            None => f.push(("subject", Value::from(self.subject.as_str()))),
+        }
         let opt = |v: &Option<String>| v.as_deref().map(Value::from);
         if !self.cc.is_empty() {
             f.push(("cc", strings(&self.cc)));
@@ -836,6 +846,55 @@ impl Client {
             )
             .await?;
         Ok(get(&r, "removed").and_then(Value::as_bool) == Some(true))
+    }
+
+    /// `mail.template.put`: stores (or replaces) a template.
+    pub async fn mail_template_put(
+        &self,
+        name: &str,
+        subject: &str,
+        text: Option<&str>,
+        html: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let mut fields = vec![
+            ("name", Value::from(name)),
+            ("subject", Value::from(subject)),
+        ];
+        if let Some(t) = text {
+            fields.push(("text", Value::from(t)));
+        }
+        if let Some(h) = html {
+            fields.push(("html", Value::from(h)));
+        }
+        self.call("mail.template.put", fields).await?;
+        Ok(())
+    }
+
+    /// `mail.template.get`: `{name, subject, text?, html?}`.
+    pub async fn mail_template_get(&self, name: &str) -> Result<Value, ClientError> {
+        self.call("mail.template.get", vec![("name", Value::from(name))])
+            .await
+    }
+
+    /// `mail.template.delete`: whether it existed.
+    pub async fn mail_template_delete(&self, name: &str) -> Result<bool, ClientError> {
+        let r = self
+            .call("mail.template.delete", vec![("name", Value::from(name))])
+            .await?;
+        Ok(get(&r, "deleted").and_then(Value::as_bool) == Some(true))
+    }
+
+    /// `mail.template.list`: the names.
+    pub async fn mail_template_list(&self) -> Result<Vec<String>, ClientError> {
+        let r = self.call("mail.template.list", vec![]).await?;
+        Ok(get(&r, "templates")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// `mail.dead`: dead mail, newest first.

@@ -24,6 +24,7 @@ mod qp;
 pub mod queue;
 pub mod smtp;
 pub mod status;
+pub mod template;
 pub mod transport;
 pub mod webhooks;
 pub mod worker;
@@ -58,6 +59,10 @@ pub const OPS: &[&str] = &[
     "mail.suppression.list",
     "mail.suppression.add",
     "mail.suppression.remove",
+    "mail.template.put",
+    "mail.template.get",
+    "mail.template.delete",
+    "mail.template.list",
 ];
 
 /// Longest accepted idempotency key.
@@ -239,6 +244,10 @@ impl MailService {
             "mail.suppression.list" => self.suppression_list(ctx, req).await,
             "mail.suppression.add" => self.suppression_add(ctx, req).await,
             "mail.suppression.remove" => self.suppression_remove(ctx, req).await,
+            "mail.template.put" => self.template_put(ctx, req).await,
+            "mail.template.get" => self.template_get(req).await,
+            "mail.template.delete" => self.template_delete(ctx, req).await,
+            "mail.template.list" => self.template_list().await,
             other => Err(OpError::new(
                 ErrorCode::UnknownOp,
                 format!("unknown op `{other}`; `hello` lists the ops this server knows"),
@@ -311,6 +320,31 @@ struct SendResult {
 }
 
 #[derive(Serialize)]
+struct Stored {
+    stored: bool,
+}
+
+#[derive(Serialize)]
+struct Deleted {
+    deleted: bool,
+}
+
+#[derive(Serialize)]
+struct TemplateOut<'a> {
+    name: &'a str,
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    html: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TemplateList {
+    templates: Vec<String>,
+}
+
+#[derive(Serialize)]
 struct Added {
     added: bool,
 }
@@ -353,6 +387,8 @@ struct StatusResult {
     class: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     suppressed: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -399,21 +435,35 @@ fn check_draft(draft: &message::Draft) -> Result<(), MailError> {
     Ok(())
 }
 
-/// Whose mail this caller may see, and whether it is an admin (`mail.admin_uids`,
-/// whose answers name each mail's owner).
-/// The suppression list is shared by every app on the Redis: with
-/// `mail.isolate_by_uid`, only admins read or change it (it names other apps'
-/// recipients, and one app's entry would stop another's mail).
-fn suppression_allowed(ctx: RequestCtx<'_>) -> Result<(), OpError> {
+/// The suppression list and the templates are shared by every app on the Redis:
+/// with `mail.isolate_by_uid` only admins change them (the list names other apps'
+/// recipients, and one app's entry or template would change another's mail).
+fn admins_only(ctx: RequestCtx<'_>, what: &str) -> Result<(), OpError> {
     let mc = &ctx.config.mail;
     let admin = ctx.peer.uid.is_some_and(|u| mc.admin_uids.contains(&u));
     if mc.isolate_by_uid && !admin {
         return Err(OpError::new(
             ErrorCode::Forbidden,
-            "with mail.isolate_by_uid the suppression list is for mail.admin_uids only",
+            format!("with mail.isolate_by_uid, {what} is for mail.admin_uids only"),
         ));
     }
     Ok(())
+}
+
+/// `name`: 1-128 bytes of letters, digits, `.`, `_`, `-`.
+fn template_name(req: &Request) -> Result<&str, OpError> {
+    let n = req.str("name")?;
+    let ok = !n.is_empty()
+        && n.len() <= 128
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(OpError::bad_request(
+            "name",
+            "a template name is 1 to 128 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    Ok(n)
 }
 
 /// `address`: one mail address (no display name, no CR/LF), normalized.
@@ -428,6 +478,8 @@ fn suppression_address(req: &Request) -> Result<String, OpError> {
     Ok(bounce::normalize(a))
 }
 
+/// Whose mail this caller may see, and whether it is an admin (`mail.admin_uids`,
+/// whose answers name each mail's owner).
 fn scope_of(ctx: RequestCtx<'_>) -> Result<(queue::Scope, bool), MailError> {
     let mc = &ctx.config.mail;
     let admin = ctx.peer.uid.is_some_and(|u| mc.admin_uids.contains(&u));
@@ -457,10 +509,54 @@ impl MailService {
         req: &Request,
         limits: message::Limits,
     ) -> Result<(message::Draft, message::Built), OpError> {
+        let stored = match req.opt_str("template")? {
+            None => None,
+            Some(name) => {
+                if ["subject", "text", "html"]
+                    .iter()
+                    .any(|f| req.raw(f).is_some())
+                {
+                    return Err(MailError::Invalid {
+                        field: "template".into(),
+                        message: "give either template (with vars) or subject/text/html".into(),
+                    }
+                    .into());
+                }
+                let t = self
+                    .queue
+                    .template_get(&self.backend, name)
+                    .await?
+                    .ok_or_else(|| MailError::Invalid {
+                        field: "template".into(),
+                        message: format!(
+                            "no template named {name:?} (mail.template.put makes one)"
+                        ),
+                    })?;
+                Some(t)
+            }
+        };
         let work = {
             let req = req.clone();
             move || -> Result<_, OpError> {
-                let draft = message::Draft::from_request(&req)?;
+                let mut draft = message::Draft::from_request(&req)?;
+                if let Some(t) = stored {
+                    let vars = match req.raw("vars") {
+                        None => serde_json::Value::Null,
+                        Some(raw) => {
+                            let v = rmpv::decode::read_value(&mut &raw[..]).map_err(|e| {
+                                OpError::bad_request("vars", format!("`vars`: {e}"))
+                            })?;
+                            template::to_json(&v)
+                        }
+                    };
+                    let r = t.render(&vars).map_err(|p| MailError::Invalid {
+                        field: p.field.into(),
+                        message: p.message,
+                    })?;
+                    draft.subject = r.subject;
+                    draft.text = r.text;
+                    draft.html = r.html;
+                }
                 check_draft(&draft)?;
                 let built = message::build(&draft, &limits, new_mail_id())?;
                 Ok((draft, built))
@@ -516,6 +612,7 @@ impl MailService {
                         }
                     }),
                     owner: ctx.peer.uid,
+                    template: req.opt_str("template")?.map(str::to_owned),
                 };
                 // A large message goes to Redis in pieces before the (batched)
                 // enqueue script adopts it.
@@ -592,6 +689,7 @@ impl MailService {
             refused: rec.refused.map(|r| queue::split_list(&r)),
             class: rec.class,
             suppressed: rec.suppressed.map(|r| queue::split_list(&r)),
+            template: rec.template,
         })
     }
 
@@ -674,7 +772,7 @@ impl MailService {
     }
 
     async fn suppression_list(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
-        suppression_allowed(ctx)?;
+        admins_only(ctx, "the suppression list")?;
         let limit = match req.opt_positive("limit")? {
             Some(n) if n > DEAD_MAX_LIMIT => {
                 return Err(OpError::bad_request(
@@ -705,7 +803,7 @@ impl MailService {
     }
 
     async fn suppression_add(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
-        suppression_allowed(ctx)?;
+        admins_only(ctx, "the suppression list")?;
         let address = suppression_address(req)?;
         let reason = req
             .opt_str("reason")?
@@ -724,13 +822,70 @@ impl MailService {
     }
 
     async fn suppression_remove(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
-        suppression_allowed(ctx)?;
+        admins_only(ctx, "the suppression list")?;
         let address = suppression_address(req)?;
         let removed = self
             .queue
             .suppression_remove(&self.backend, &address)
             .await?;
         encode(&Removed { removed })
+    }
+
+    async fn template_put(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        admins_only(ctx, "changing templates")?;
+        let name = template_name(req)?;
+        let max = ctx.config.mail.max_message_bytes as usize;
+        let t = template::Stored {
+            subject: req.str("subject")?.to_owned(),
+            text: req.opt_str("text")?.map(str::to_owned),
+            html: req.opt_str("html")?.map(str::to_owned),
+        };
+        for (field, len) in [
+            ("subject", t.subject.len()),
+            ("text", t.text.as_ref().map_or(0, String::len)),
+            ("html", t.html.as_ref().map_or(0, String::len)),
+        ] {
+            if len > max {
+                return Err(OpError::new(
+                    ErrorCode::TooLarge,
+                    format!("{field} is over mail.max_message_bytes ({max})"),
+                )
+                .with_field(field));
+            }
+        }
+        t.check()
+            .map_err(|p| OpError::bad_request(p.field, p.message))?;
+        self.queue.template_put(&self.backend, name, &t).await?;
+        encode(&Stored { stored: true })
+    }
+
+    async fn template_get(&self, req: &Request) -> OpResult {
+        let name = template_name(req)?;
+        let t = self
+            .queue
+            .template_get(&self.backend, name)
+            .await?
+            .ok_or_else(|| {
+                OpError::new(ErrorCode::NotFound, format!("no template named {name:?}"))
+            })?;
+        encode(&TemplateOut {
+            name,
+            subject: &t.subject,
+            text: t.text.as_deref(),
+            html: t.html.as_deref(),
+        })
+    }
+
+    async fn template_delete(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
+        admins_only(ctx, "changing templates")?;
+        let name = template_name(req)?;
+        let deleted = self.queue.template_delete(&self.backend, name).await?;
+        encode(&Deleted { deleted })
+    }
+
+    async fn template_list(&self) -> OpResult {
+        let names = self.queue.template_names(&self.backend).await?;
+        encode(&TemplateList { templates: names })
     }
 
     async fn dead(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {

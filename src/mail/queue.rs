@@ -142,7 +142,7 @@ end
 /// ENQUEUE_ARGS values: mail_id, send_at_ms
 /// (0 = now), idempotency key ('' = none), from, rcpt, to, subject, message_id, raw
 /// ('' when the message is in its body key), body ('1' when it is), owner (the
-/// sender's uid, '' unknown).
+/// sender's uid, '' unknown), template (its name, '' none).
 /// → per mail: mail_id, status, duplicate (0|1), the recipients dropped because they
 /// are suppressed ("\n"-separated; when none is left the mail is `suppressed`, final,
 /// and never sent). Mails are handled in order, so two
@@ -153,7 +153,7 @@ local out, added = {}, {queued = 0, scheduled = 0, suppressed = 0}
 local evs, batch_n = {}, 0
 -- An empty suppression list (the common case) costs one EXISTS per batch.
 local check_supp = supp ~= '' and redis.call('EXISTS', string.sub(supp, 1, -2)) == 1
-for j = 6, #ARGV, 11 do
+for j = 6, #ARGV, 12 do
   local id, send_at, ikey = ARGV[j], tonumber(ARGV[j + 1]), ARGV[j + 2]
   local existing = nil
   if ikey ~= '' then
@@ -186,6 +186,7 @@ for j = 6, #ARGV, 11 do
     local body = ARGV[j + 9] == '1'
     if body then redis.call('HSET', sk, 'body', 1) end
     if ARGV[j + 10] ~= '' then redis.call('HSET', sk, 'owner', ARGV[j + 10]) end
+    if ARGV[j + 11] ~= '' then redis.call('HSET', sk, 'template', ARGV[j + 11]) end
     if status == 'suppressed' then
       -- Final: never sent, so no message is kept.
       drop_body(sk)
@@ -433,6 +434,8 @@ pub struct NewMail {
     pub idempotency_key: Option<String>,
     /// The uid that sent it (SO_PEERCRED), when known.
     pub owner: Option<u32>,
+    /// The template it was rendered from.
+    pub template: Option<String>,
 }
 
 impl NewMail {
@@ -531,6 +534,8 @@ pub struct StatusRecord {
     pub class: Option<String>,
     /// Recipients dropped at `mail.send`: on the suppression list.
     pub suppressed: Option<String>,
+    /// The template the mail was rendered from.
+    pub template: Option<String>,
 }
 
 /// One entry of the suppression list.
@@ -770,7 +775,8 @@ impl Queue {
                 .arg(&b.message_id)
                 .arg(if body { &[][..] } else { &b.raw[..] })
                 .arg(if body { "1" } else { "" })
-                .arg(m.owner.map(|u| u.to_string()).unwrap_or_default());
+                .arg(m.owner.map(|u| u.to_string()).unwrap_or_default())
+                .arg(m.template.as_deref().unwrap_or(""));
         }
         let (v, replicas): (Value, _) = match ack {
             None => (backend.invoke(&inv).await?, None),
@@ -1000,6 +1006,7 @@ impl Queue {
                 "owner",
                 "class",
                 "suppressed",
+                "template",
             ]))
             .await?;
         let Some(status) = status_of(v.first()) else {
@@ -1019,6 +1026,7 @@ impl Queue {
             refused: v.get(5).and_then(text),
             class: v.get(7).and_then(text),
             suppressed: v.get(8).and_then(text),
+            template: v.get(9).and_then(text),
         }))
     }
 
@@ -1073,6 +1081,60 @@ impl Queue {
                 class: r.get(7).and_then(text),
             })
             .collect())
+    }
+
+    /// The templates' hash: name → JSON of [`super::template::Stored`].
+    fn templates_key(&self) -> String {
+        format!("{}:tpl", self.base)
+    }
+
+    pub async fn template_put(
+        &self,
+        backend: &Backend,
+        name: &str,
+        t: &super::template::Stored,
+    ) -> Result<(), BackendError> {
+        let json = serde_json::to_string(t).map_err(|e| BackendError::Reply(e.to_string()))?;
+        let _: i64 = backend
+            .query(
+                redis::cmd("HSET")
+                    .arg(self.templates_key())
+                    .arg(name)
+                    .arg(json),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn template_get(
+        &self,
+        backend: &Backend,
+        name: &str,
+    ) -> Result<Option<super::template::Stored>, BackendError> {
+        let json: Option<String> = backend
+            .query(redis::cmd("HGET").arg(self.templates_key()).arg(name))
+            .await?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| BackendError::Reply(e.to_string())))
+            .transpose()
+    }
+
+    pub async fn template_delete(
+        &self,
+        backend: &Backend,
+        name: &str,
+    ) -> Result<bool, BackendError> {
+        let n: i64 = backend
+            .query(redis::cmd("HDEL").arg(self.templates_key()).arg(name))
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn template_names(&self, backend: &Backend) -> Result<Vec<String>, BackendError> {
+        let mut names: Vec<String> = backend
+            .query(redis::cmd("HKEYS").arg(self.templates_key()))
+            .await?;
+        names.sort();
+        Ok(names)
     }
 
     /// Puts `address` (normalized) on the suppression list for `ttl_ms`.

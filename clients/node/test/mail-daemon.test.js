@@ -130,3 +130,17 @@ test('the suppression list: add, a suppressed send, list, remove', async (t) => 
   assert.deepEqual(await client.mail.suppression.remove('Gone@example.com'), { removed: false });
   await assert.rejects(client.mail.suppression.add('a@b.c\r\nRCPT TO:<x@y>'), (err) => err.code === 'BAD_REQUEST' && err.field === 'address');
 });
+
+test('shared templates: put, send with vars (html escaped), get, list, delete', async (t) => {
+  if (skip) return t.skip(skip);
+  await client.mail.template.put('node-results', { subject: 'Results for {{ name }}', html: '<p>{{ name }}: {{ score }}</p>' });
+  assert.ok((await client.mail.template.list()).includes('node-results'));
+  assert.equal((await client.mail.template.get('node-results')).subject, 'Results for {{ name }}');
+  const r = await client.mail.send({ to: 'a@example.test', template: 'node-results', vars: { name: '<b>Ann</b>', score: 91 } });
+  await eventually('the mail to be sent', async () => (await client.mail.status(r.mailId)).status === 'sent');
+  const eml = fs.readFileSync(path.join(mailDir, `${r.mailId}.eml`), 'utf8');
+  assert.ok(eml.includes('&lt;b&gt;Ann&lt;&#x2f;b&gt;: 91'), eml);
+  await assert.rejects(client.mail.send({ to: 'a@example.test', template: 'node-results', vars: { name: 'x' } }),
+    (e) => e.code === 'INVALID_MAIL' && e.field === 'vars' && e.message.includes('`score`'));
+  assert.deepEqual(await client.mail.template.delete('node-results'), { deleted: true });
+});

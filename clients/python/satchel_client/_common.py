@@ -136,7 +136,7 @@ def as_list(v: Any) -> Any:
 
 def mail_fields(
     to: Any,
-    subject: str,
+    subject: Optional[str] = None,
     *,
     cc: Any = None,
     bcc: Any = None,
@@ -148,6 +148,8 @@ def mail_fields(
     attachments: Optional[list] = None,
     idempotency_key: Optional[str] = None,
     send_at_ms: Optional[int] = None,
+    template: Optional[str] = None,
+    vars: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The wire fields of ``mail.send``. Attachments: ``{filename, content_type, data}``
     dicts (or 3-tuples); ``data`` is bytes (a str is sent as UTF-8)."""
@@ -174,6 +176,8 @@ def mail_fields(
         attachments=atts,
         idempotency_key=idempotency_key,
         send_at_ms=send_at_ms,
+        template=template,
+        vars=vars,
     )
 
 

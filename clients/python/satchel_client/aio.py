@@ -447,12 +447,32 @@ class AsyncSuppressionApi:
         return await self._c.request("mail.suppression.remove", address=address)
 
 
+class AsyncTemplateApi:
+    """Shared templates (``mail.template.*``)."""
+
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def put(self, name: str, subject: str, text: Optional[str] = None, html: Optional[str] = None) -> Dict[str, Any]:
+        return await self._c.request("mail.template.put", name=name, subject=subject, text=text, html=html)
+
+    async def get(self, name: str) -> Dict[str, Any]:
+        return await self._c.request("mail.template.get", name=name)
+
+    async def delete(self, name: str) -> Dict[str, Any]:
+        return await self._c.request("mail.template.delete", name=name)
+
+    async def list(self) -> List[str]:
+        return (await self._c.request("mail.template.list"))["templates"]
+
+
 class AsyncMailApi:
     def __init__(self, client: AsyncClient):
         self._c = client
         self.suppression = AsyncSuppressionApi(client)
+        self.template = AsyncTemplateApi(client)
 
-    async def send(self, to: Any, subject: str, **kw: Any) -> Dict[str, Any]:
+    async def send(self, to: Any, subject: Optional[str] = None, **kw: Any) -> Dict[str, Any]:
         return await self._c.request("mail.send", **mail_fields(to, subject, **kw))
 
     async def status(self, mail_id: str) -> Dict[str, Any]:

@@ -404,14 +404,35 @@ class SuppressionApi:
         return self._c.request("mail.suppression.remove", address=address)
 
 
+class TemplateApi:
+    """Shared templates (``mail.template.*``); send with ``template=`` and ``vars=``."""
+
+    def __init__(self, client: Client):
+        self._c = client
+
+    def put(self, name: str, subject: str, text: Optional[str] = None, html: Optional[str] = None) -> Dict[str, Any]:
+        return self._c.request("mail.template.put", name=name, subject=subject, text=text, html=html)
+
+    def get(self, name: str) -> Dict[str, Any]:
+        return self._c.request("mail.template.get", name=name)
+
+    def delete(self, name: str) -> Dict[str, Any]:
+        return self._c.request("mail.template.delete", name=name)
+
+    def list(self) -> List[str]:
+        return self._c.request("mail.template.list")["templates"]
+
+
 class MailApi:
     def __init__(self, client: Client):
         self._c = client
         self.suppression = SuppressionApi(client)
+        self.template = TemplateApi(client)
 
-    def send(self, to: Any, subject: str, **kw: Any) -> Dict[str, Any]:
+    def send(self, to: Any, subject: Optional[str] = None, **kw: Any) -> Dict[str, Any]:
         """Queues a mail; returns ``{"mail_id", "status", "duplicate"}``. Keywords: cc, bcc,
-        from_, reply_to, text, html, headers, attachments, idempotency_key, send_at_ms."""
+        from_, reply_to, text, html, headers, attachments, idempotency_key, send_at_ms,
+        template and vars (render a stored template instead of subject/text/html)."""
         return self._c.request("mail.send", **mail_fields(to, subject, **kw))
 
     def status(self, mail_id: str) -> Dict[str, Any]:

@@ -143,3 +143,18 @@ def test_suppression_list_add_send_list_remove(client):
     with pytest.raises(SatchelError) as e:
         client.mail.suppression.add("a@b.c\r\nRCPT TO:<x@y>")
     assert (e.value.code, e.value.field) == ("BAD_REQUEST", "address")
+
+
+def test_templates_put_send_get_list_delete(stack, client):
+    client.mail.template.put("py-results", "Results for {{ name }}", html="<p>{{ name }}: {{ score }}</p>")
+    assert "py-results" in client.mail.template.list()
+    assert client.mail.template.get("py-results")["subject"] == "Results for {{ name }}"
+    r = client.mail.send("a@example.test", template="py-results", vars={"name": "<b>Ann</b>", "score": 91})
+    eventually("the mail to be sent", lambda: client.mail.status(r["mail_id"])["status"] == "sent")
+    with open(os.path.join(stack.dir, "mail", f"{r['mail_id']}.eml")) as f:
+        eml = f.read()
+    assert "&lt;b&gt;Ann&lt;&#x2f;b&gt;: 91" in eml
+    with pytest.raises(SatchelError) as e:
+        client.mail.send("a@example.test", template="py-results", vars={"name": "x"})
+    assert (e.value.code, e.value.field) == ("INVALID_MAIL", "vars")
+    assert client.mail.template.delete("py-results") == {"deleted": True}
