@@ -17,7 +17,9 @@ Behaviour is chosen per recipient by the local part (what comes before an option
 
 --tls-cert/--tls-key enable STARTTLS (and --require-tls refuses mail before it), or
 with --implicit-tls, TLS from the first byte (smtps);
---auth user:pass requires AUTH PLAIN/LOGIN with those credentials.
+--auth user:pass requires AUTH PLAIN/LOGIN with those credentials;
+--idle-421 S answers MAIL FROM with 421 in a session that sat idle for S seconds since
+its last message (a relay closing idle sessions).
 """
 
 import argparse
@@ -34,6 +36,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 SEEN = {}
 LOCK = threading.Lock()
+IDLE_421 = [None]
 
 
 def behaviour(address):
@@ -51,6 +54,14 @@ class Handler:
     def __init__(self, out):
         self.out = out
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        last = getattr(session, "satchel_last", None)
+        if IDLE_421[0] and last is not None and time.time() - last > IDLE_421[0]:
+            return "421 4.4.2 idle too long, closing"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         # Every RCPT the sink was asked, accepted or not: <out>.rcpt, a line each.
         with LOCK, open(self.out + ".rcpt", "a") as f:
@@ -66,6 +77,7 @@ class Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        session.satchel_last = time.time()
         kinds = [behaviour(r) for r in envelope.rcpt_tos]
         for r, kind in zip(envelope.rcpt_tos, kinds):
             if kind == "fail-after-data" and seen(("data", r.lower())) <= 1:
@@ -98,7 +110,9 @@ def main():
     p.add_argument("--require-tls", action="store_true")
     p.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte (smtps)")
     p.add_argument("--auth")
+    p.add_argument("--idle-421", type=float, help="answer MAIL FROM with 421 in a session idle this long (s)")
     a = p.parse_args()
+    IDLE_421[0] = a.idle_421
 
     kwargs = {}
     controller_kwargs = {}

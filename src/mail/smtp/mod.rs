@@ -353,7 +353,8 @@ impl SmtpPool {
     }
 
     /// MAIL, RCPT for each recipient, DATA. `Err(Stale)` when the connection failed
-    /// at MAIL FROM with a network error (an idle pooled connection the server closed).
+    /// at MAIL FROM with a network error or a 421 (an idle pooled connection the
+    /// server closed or timed out).
     async fn transaction(
         &self,
         mut conn: AsyncSmtpConnection,
@@ -380,7 +381,11 @@ impl SmtpPool {
             params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
         if let Err(e) = self.cmd(&mut conn, Mail::new(Some(sender), params)).await {
-            if matches!(e, Fail::Broken(_)) {
+            // A closed connection, or a 421 the server sent while the session sat
+            // idle (its idle timeout): nothing of this message reached it, so a new
+            // connection is tried at once rather than the mail deferred (the trap
+            // of lettre #743 and nodemailer #511).
+            if !e.reusable() {
                 return Err(Stale);
             }
             return Ok(Err(self.fail(conn, "MAIL FROM", e).await));
