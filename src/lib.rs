@@ -14,10 +14,13 @@
 //!   with its answers.
 //! - [`cache`]: the cache-aside service (`cache.*` ops): values, leases, invalidation.
 //! - [`mail`]: the durable mail queue (`mail.*` ops): group-committed enqueue, a Redis
-//!   Streams consumer group, retries, dead letters, SMTP through a nodelay pool.
-//! - [`backend`]: the only door to Redis: the shared connection with its in-flight
-//!   permits and fail-fast health gate, dedicated connections for blocking reads,
-//!   pub/sub.
+//!   Streams consumer group, retries, dead letters, SMTP through a nodelay pool; the
+//!   event stream (`mail.events`), bounce classes and the suppression list, signed
+//!   webhooks, shared templates.
+//! - [`backend`]: the only door to Redis, on one server, through Sentinel or on a
+//!   Cluster: the shared connection with its in-flight permits and fail-fast health
+//!   gate, dedicated connections for blocking reads, pub/sub, the near-cache's
+//!   tracking, and the `WAIT` lane for replicated enqueues.
 //!
 //! Around them:
 //!
