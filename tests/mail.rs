@@ -978,15 +978,21 @@ async fn mail_waits_while_smtp_is_down_and_goes_out_after() {
     assert_eq!(sink.count(), 1);
 }
 
+/// A self-signed certificate for `localhost` and its key, as PEM files in `dir`.
+fn self_signed_localhost(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
 #[tokio::test]
 async fn starttls_smtps_and_auth_against_a_test_certificate() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = self_signed_localhost(dir.path());
     let port = unused_port();
     let sink = SmtpSink::start_with(
         port,
@@ -1449,11 +1455,7 @@ async fn opportunistic_starttls_delivers_to_a_relay_with_a_self_signed_certifica
     // no CA vouches for.
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = self_signed_localhost(dir.path());
     let port = unused_port();
     let sink = SmtpSink::start_with(
         port,

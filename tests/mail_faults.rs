@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use rmpv::Value;
 use satchel::client::{Client, Mail};
-use support::load::{delivered, settle};
+use support::load::{cache_traffic, delivered, settle};
 use support::*;
 
 const CONCURRENCY: usize = 16;
@@ -62,27 +61,6 @@ async fn send_many(c: &Client, to: &str, n: usize) -> Vec<String> {
         ids.push(t.await.unwrap());
     }
     ids
-}
-
-/// Cache traffic in the background, counting answers and errors.
-fn cache_traffic(c: Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64)> {
-    tokio::spawn(async move {
-        let (mut ok, mut err) = (0, 0);
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            let key = format!("bg:{}", n % 100);
-            let r = if n.is_multiple_of(3) {
-                c.cache_set(&key, Value::from(n), None, &[])
-                    .await
-                    .map(|_| ())
-            } else {
-                c.cache_get(&key).await.map(|_| ())
-            };
-            if r.is_ok() { ok += 1 } else { err += 1 }
-        }
-        (ok, err)
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

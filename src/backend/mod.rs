@@ -435,9 +435,11 @@ impl Backend {
 
     /// The current node, or UNAVAILABLE while none is known.
     fn node(&self) -> Result<Arc<Node>, BackendError> {
-        self.node.load_full().ok_or_else(|| {
-            BackendError::Unavailable(format!("{}: no master known yet", self.url()))
-        })
+        self.node.load_full().ok_or_else(|| self.no_node())
+    }
+
+    fn no_node(&self) -> BackendError {
+        BackendError::Unavailable(format!("{}: no master known yet", self.url()))
     }
 
     /// The generation of the current node (see [`Backend::node_changed`]).
@@ -455,6 +457,30 @@ impl Backend {
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, BackendError> {
         self.run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
+    }
+
+    /// Creates consumer group `group` on `stream` (and the stream), starting at
+    /// `start` (`0`: everything, `$`: from now); an existing group is fine.
+    pub async fn ensure_group(
+        &self,
+        stream: &str,
+        group: &str,
+        start: &str,
+    ) -> Result<(), BackendError> {
+        let r: Result<(), _> = self
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(start)
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match r {
+            Err(e) if e.redis_code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
     }
 
     /// A client for one server of a cluster (RESP3 for pushes when `resp3`).
@@ -703,7 +729,11 @@ impl Backend {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let conn = self.node()?.conn.clone();
+        // A load guard, not an Arc clone: this is every command's path.
+        let conn = match self.node.load().as_deref() {
+            Some(node) => node.conn.clone(),
+            None => return Err(self.no_node()),
+        };
         self.run_on(conn, call).await
     }
 

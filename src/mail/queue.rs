@@ -721,20 +721,7 @@ impl Queue {
 
     /// Creates the consumer group (and the stream) if missing.
     pub async fn ensure_group(&self, backend: &Backend) -> Result<(), BackendError> {
-        let r: Result<(), _> = backend
-            .query(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&self.stream)
-                    .arg(GROUP)
-                    .arg("0")
-                    .arg("MKSTREAM"),
-            )
-            .await;
-        match r {
-            Err(e) if e.redis_code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
-        }
+        backend.ensure_group(&self.stream, GROUP, "0").await
     }
 
     /// Enqueues `mails` in one script run; the answers come in the same order.

@@ -329,21 +329,9 @@ impl Webhooks {
     /// Creates the group at the stream's end (a new deployment does not send
     /// webhooks for history).
     async fn ensure_group(&self, mail: &MailService) -> Result<(), BackendError> {
-        let r: Result<(), _> = mail
-            .backend
-            .query(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&mail.queue.events)
-                    .arg(GROUP)
-                    .arg("$")
-                    .arg("MKSTREAM"),
-            )
-            .await;
-        match r {
-            Err(e) if e.redis_code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
-        }
+        mail.backend
+            .ensure_group(&mail.queue.events, GROUP, "$")
+            .await
     }
 
     /// Runs until shutdown while `mail.webhook_url` is set: reads new entries,

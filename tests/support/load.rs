@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmpv::Value;
-use satchel::client::Mail;
+use satchel::client::{Client, Mail};
 use tokio::task::JoinHandle;
 
 use super::{Daemon, SmtpSink, eventually};
@@ -112,25 +112,9 @@ impl MixedLoad {
             load.cache_err.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let key = format!("k{}", n % 50);
-                let r = if n.is_multiple_of(3) {
-                    c.cache_set(&key, Value::from(n), None, &[])
-                        .await
-                        .map(|_| ())
-                } else {
-                    c.cache_get(&key).await.map(|_| ())
-                };
-                match r {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        err.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
+            let (o, e) = cache_traffic(c, stop).await.unwrap_or_default();
+            ok.store(o, Ordering::Relaxed);
+            err.store(e, Ordering::Relaxed);
         }));
         MixedLoad { tasks, ..load }
     }
@@ -156,6 +140,33 @@ impl MixedLoad {
             cache_err: self.cache_err.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Cache set/get traffic on 50 keys until `stop`, counting answers and errors (a
+/// short pause after an error, so an outage is not a busy loop).
+pub fn cache_traffic(c: Client, stop: Arc<AtomicBool>) -> JoinHandle<(u64, u64)> {
+    tokio::spawn(async move {
+        let (mut ok, mut err) = (0, 0);
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let key = format!("k{}", n % 50);
+            let r = if n.is_multiple_of(3) {
+                c.cache_set(&key, Value::from(n), None, &[])
+                    .await
+                    .map(|_| ())
+            } else {
+                c.cache_get(&key).await.map(|_| ())
+            };
+            if r.is_ok() {
+                ok += 1;
+            } else {
+                err += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        (ok, err)
+    })
 }
 
 /// Deliveries per mail id (from the Message-ID the daemon assigns).
