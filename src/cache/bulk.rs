@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::keys::{KeySpace, decode_blob};
 use super::near::NearEntry;
 use super::{CacheError, CacheService};
@@ -28,7 +30,7 @@ const ENTRY_OVERHEAD: u64 = 32;
 /// One value of an answer: read from Redis now, or held in the near-cache (fresh,
 /// or stale standing in for an unavailable Redis).
 enum Blob {
-    Read(Vec<u8>),
+    Read(Bytes),
     Near(Arc<NearEntry>),
     Stale(Arc<NearEntry>),
 }
@@ -157,7 +159,7 @@ impl CacheService {
         positions: &[usize],
         held: &[Option<Blob>],
         max_response: u64,
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    ) -> Result<Vec<Option<Bytes>>, CacheError> {
         let todo_keys: Vec<&str> = todo.iter().map(|&i| vkeys[i].as_str()).collect();
         let held_bytes: u64 = positions
             .iter()
@@ -229,7 +231,7 @@ impl CacheService {
         cfg: &CacheConfig,
         vkeys: &[&str],
         mut fits: impl FnMut(usize, usize) -> bool,
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    ) -> Result<Vec<Option<Bytes>>, CacheError> {
         if vkeys.is_empty() {
             return Ok(Vec::new());
         }
@@ -254,15 +256,23 @@ impl CacheService {
                 .pipeline_tracked::<Batches>(&near.tracking, &pipe)
                 .await?
             {
-                let blobs: Vec<Option<Vec<u8>>> = batches.into_iter().flatten().collect();
+                let blobs: Vec<Option<Bytes>> = batches
+                    .into_iter()
+                    .flatten()
+                    .map(|b| b.map(Bytes::from))
+                    .collect();
                 for (ticket, blob) in tickets.into_iter().zip(&blobs) {
-                    ticket.finish(blob.as_deref(), cfg);
+                    ticket.finish(blob.as_ref(), cfg);
                 }
                 return Ok(blobs);
             }
         }
         let batches: Batches = self.backend.pipeline(&pipe).await?;
-        Ok(batches.into_iter().flatten().collect())
+        Ok(batches
+            .into_iter()
+            .flatten()
+            .map(|b| b.map(Bytes::from))
+            .collect())
     }
 
     /// Deletes `keys` (and voids their leases) in script runs of at most

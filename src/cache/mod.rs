@@ -320,12 +320,12 @@ impl CacheService {
         self.tracked
             .reading(sid, [vkey.as_str()], cfg.track_max_keys);
         if let Some(entry) = self.near_hit(&vkey) {
-            return Ok(get_answer(&self.stats, Some(&entry.blob), false));
+            return Ok(get_answer(&self.stats, Some(&entry.blob[..]), false));
         }
         match self.read_value(cfg, &vkey).await {
             Ok(blob) => Ok(get_answer(&self.stats, blob.as_deref(), false)),
             Err(e) => match self.stale(&vkey, allow, &e) {
-                Some(entry) => Ok(get_answer(&self.stats, Some(&entry.blob), true)),
+                Some(entry) => Ok(get_answer(&self.stats, Some(&entry.blob[..]), true)),
                 None => Err(e.into()),
             },
         }
@@ -385,7 +385,7 @@ impl CacheService {
         &self,
         cfg: &CacheConfig,
         vkey: &str,
-    ) -> Result<Option<Vec<u8>>, BackendError> {
+    ) -> Result<Option<Bytes>, BackendError> {
         let cmd = redis::cmd("GET").arg(vkey).to_owned();
         if let Some(near) = &self.near {
             let ticket = near.cache.begin(vkey);
@@ -394,11 +394,16 @@ impl CacheService {
                 .query_tracked::<Option<Vec<u8>>>(&near.tracking, &cmd)
                 .await?
             {
-                ticket.finish(blob.as_deref(), cfg);
+                let blob = blob.map(Bytes::from);
+                ticket.finish(blob.as_ref(), cfg);
                 return Ok(blob);
             }
         }
-        self.backend.query(&cmd).await
+        Ok(self
+            .backend
+            .query::<Option<Vec<u8>>>(&cmd)
+            .await?
+            .map(Bytes::from))
     }
 
     /// This daemon changed or removed `vkey` in Redis: drop the near entry and void

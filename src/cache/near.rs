@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use quick_cache::sync::Cache;
 
 use super::keys::decode_blob;
@@ -43,8 +44,10 @@ const EPOCH_ENDS: usize = 64;
 /// One value held near.
 #[derive(Debug)]
 pub struct NearEntry {
-    /// The stored blob (header + MessagePack value), as Redis holds it.
-    pub blob: Vec<u8>,
+    /// The stored blob (header + MessagePack value), as Redis holds it. Shared with
+    /// the read that brought it (no copy): a 60 MiB `mget` answer must not cost
+    /// another 60 MiB to keep its values near.
+    pub blob: Bytes,
     /// Until when it may be served as a hit.
     fresh_until: Instant,
     /// The tracking epoch it was read in.
@@ -120,7 +123,7 @@ pub struct Ticket<'a> {
 impl Ticket<'_> {
     /// Stores the value read (a blob, or None for a missing key, which is not
     /// stored), unless the key was voided or the epoch moved on meanwhile.
-    pub fn finish(mut self, blob: Option<&[u8]>, cfg: &CacheConfig) {
+    pub fn finish(mut self, blob: Option<&Bytes>, cfg: &CacheConfig) {
         self.open = false;
         let near = self.near;
         let mut pending = near.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -146,7 +149,7 @@ impl Ticket<'_> {
         };
         let fresh_until = Instant::now() + Duration::from_millis(ttl_ms.min(cfg.near_max_ttl_ms));
         let entry = NearEntry {
-            blob: blob.to_vec(),
+            blob: blob.clone(),
             fresh_until,
             epoch: self.epoch,
             kept_until: fresh_until + Duration::from_millis(cfg.max_stale_ms),
@@ -339,6 +342,10 @@ mod tests {
         (NearCache::new(&cfg), cfg)
     }
 
+    fn blob(ttl_ms: u64, value: &[u8]) -> Bytes {
+        Bytes::from(encode_blob(ttl_ms, value))
+    }
+
     fn fresh(near: &NearCache, key: &str) -> bool {
         matches!(near.lookup(key), Lookup::Fresh(_))
     }
@@ -346,8 +353,7 @@ mod tests {
     #[test]
     fn a_read_finished_undisturbed_is_kept_and_fresh() {
         let (near, cfg) = near();
-        near.begin("k")
-            .finish(Some(&encode_blob(60_000, b"\x01")), &cfg);
+        near.begin("k").finish(Some(&blob(60_000, b"\x01")), &cfg);
         assert!(fresh(&near, "k"));
         assert!(near.pending.lock().unwrap().is_empty());
     }
@@ -358,23 +364,21 @@ mod tests {
         let early = near.begin("k");
         let late = near.begin("k");
         near.invalidate(&[b"k"]);
-        early.finish(Some(&encode_blob(60_000, b"\x01")), &cfg);
-        late.finish(Some(&encode_blob(60_000, b"\x02")), &cfg);
+        early.finish(Some(&blob(60_000, b"\x01")), &cfg);
+        late.finish(Some(&blob(60_000, b"\x02")), &cfg);
         assert!(matches!(near.lookup("k"), Lookup::Absent));
         // The mark is gone with its reads: the next read is kept again.
-        near.begin("k")
-            .finish(Some(&encode_blob(60_000, b"\x03")), &cfg);
+        near.begin("k").finish(Some(&blob(60_000, b"\x03")), &cfg);
         assert!(fresh(&near, "k"));
     }
 
     #[test]
     fn a_flush_during_the_read_voids_it_and_demotes_what_was_kept() {
         let (near, cfg) = near();
-        near.begin("old")
-            .finish(Some(&encode_blob(60_000, b"\x01")), &cfg);
+        near.begin("old").finish(Some(&blob(60_000, b"\x01")), &cfg);
         let reading = near.begin("k");
         near.flush();
-        reading.finish(Some(&encode_blob(60_000, b"\x01")), &cfg);
+        reading.finish(Some(&blob(60_000, b"\x01")), &cfg);
         assert!(matches!(near.lookup("k"), Lookup::Absent));
         assert!(matches!(near.lookup("old"), Lookup::Stale(..)));
         assert!(near.stale_for("old", Duration::from_secs(60)).is_some());
@@ -390,7 +394,8 @@ mod tests {
         drop(near.begin("k"));
         assert!(near.pending.lock().unwrap().is_empty());
         near.begin("k").finish(None, &cfg);
-        near.begin("k").finish(Some(b"not a satchel blob"), &cfg);
+        near.begin("k")
+            .finish(Some(&Bytes::from_static(b"not a satchel blob")), &cfg);
         assert!(matches!(near.lookup("k"), Lookup::Absent));
     }
 
@@ -401,8 +406,7 @@ mod tests {
             ..CacheConfig::default()
         };
         let near = NearCache::new(&cfg);
-        near.begin("k")
-            .finish(Some(&encode_blob(60_000, b"\x01")), &cfg);
+        near.begin("k").finish(Some(&blob(60_000, b"\x01")), &cfg);
         std::thread::sleep(Duration::from_millis(5));
         assert!(matches!(near.lookup("k"), Lookup::Stale(..)));
     }
