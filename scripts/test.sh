@@ -23,7 +23,7 @@ fi
 
 # Python test dependencies: the system's if it has them all, else a venv of our own
 # (Debian's python3 refuses system-wide pip installs).
-if ! python3 -c 'import aiosmtpd, msgpack, pytest' 2>/dev/null; then
+if ! python3 -c 'import aiosmtpd, msgpack, pytest, dkim, nacl' 2>/dev/null; then
   venv=target/test-venv
   if [ ! -x "$venv/bin/python3" ]; then
     echo "== creating $venv for the Python test dependencies"
@@ -35,7 +35,7 @@ if ! python3 -c 'import aiosmtpd, msgpack, pytest' 2>/dev/null; then
       exit 1
     fi
   fi
-  if ! "$venv/bin/python3" -c 'import aiosmtpd, msgpack, pytest' 2>/dev/null; then
+  if ! "$venv/bin/python3" -c 'import aiosmtpd, msgpack, pytest, dkim, nacl' 2>/dev/null; then
     echo "== pip install -r scripts/test-requirements.txt (into $venv)"
     "$venv/bin/python3" -m pip install -q --disable-pip-version-check -r scripts/test-requirements.txt
   fi

@@ -156,7 +156,7 @@ fn reload(source: &ConfigSource, shared: &Arc<Shared>, set_log_level: &SetLogLev
             if new.mail != old.mail {
                 tracing::warn!(
                     "[mail] transport, concurrency and retry settings take effect after a restart; \
-                     from, max_message_bytes and the retention times apply now"
+                     from, max_message_bytes, the retention times and the dkim keys apply now"
                 );
             }
             if let Err(e) = set_log_level(&new.log.level) {

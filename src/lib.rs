@@ -16,7 +16,7 @@
 //! - [`mail`]: the durable mail queue (`mail.*` ops): group-committed enqueue, a Redis
 //!   Streams consumer group, retries, dead letters, SMTP through a nodelay pool; the
 //!   event stream (`mail.events`), bounce classes and the suppression list, signed
-//!   webhooks, shared templates.
+//!   webhooks, shared templates, DKIM signing.
 //! - [`backend`]: the only door to Redis, on one server, through Sentinel or on a
 //!   Cluster: the shared connection with its in-flight permits and fail-fast health
 //!   gate, dedicated connections for blocking reads, pub/sub, the near-cache's

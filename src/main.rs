@@ -35,6 +35,9 @@ enum Command {
         #[arg(long, env = "SATCHEL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// DKIM keys for signing mail (`[[mail.dkim]]`); needs no daemon.
+    #[command(subcommand)]
+    Dkim(cli::dkim::DkimCommand),
     /// Client commands (talk to a running daemon).
     #[command(flatten)]
     Client(cli::ClientCommand),
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Dkim(cmd) => cli::dkim::main(cmd, global.json),
         Command::Client(cmd) => cli::main(cmd, global),
     }
 }

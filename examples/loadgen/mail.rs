@@ -390,6 +390,7 @@ fn render_message() -> Vec<u8> {
         default_from: "bench@example.org".into(),
         max_message_bytes: 1 << 20,
         max_recipients: 1000,
+        dkim: Vec::new(),
     };
     satchel::mail::message::build(&draft, &limits, "bench".into())
         .expect("render")

@@ -7,6 +7,7 @@
 //! access denied (FORBIDDEN).
 
 pub mod args;
+pub mod dkim;
 pub mod output;
 pub mod run;
 

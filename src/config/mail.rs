@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::dkim::DkimEntry;
 use super::{ConfigError, SmtpUrl};
 
 /// `mail.transport`.
@@ -93,6 +94,9 @@ pub struct MailConfig {
     pub webhook_retry_base_ms: u64,
     /// An event that has failed this long is dropped (logged and counted).
     pub webhook_max_age_ms: u64,
+    /// `[[mail.dkim]]`: signing keys by `From` domain (file only, no environment
+    /// override).
+    pub dkim: Vec<DkimEntry>,
 }
 
 /// `smtp_url` in the file and the environment is a string, `""` meaning none.
@@ -155,6 +159,7 @@ impl Default for MailConfig {
             webhook_timeout_ms: 5_000,
             webhook_retry_base_ms: 1_000,
             webhook_max_age_ms: 24 * 3600 * 1000,
+            dkim: Vec::new(),
         }
     }
 }
@@ -197,6 +202,11 @@ impl MailConfig {
                 )
             })?;
             self.tls_ca_pem = Some(Arc::new(pem));
+        }
+        for entry in &mut self.dkim {
+            entry
+                .read_key()
+                .map_err(|e| invalid("dkim", format!("domain {}: key_file {e}", entry.domain)))?;
         }
         Ok(())
     }
@@ -261,6 +271,16 @@ impl MailConfig {
                 ));
             }
         }
+        let mut domains = std::collections::HashSet::new();
+        for entry in &self.dkim {
+            entry.validate().map_err(|e| invalid("dkim", e))?;
+            if !domains.insert(entry.domain.to_ascii_lowercase()) {
+                return Err(invalid(
+                    "dkim",
+                    format!("domain {} has two entries; keep one", entry.domain),
+                ));
+            }
+        }
         for st in &self.webhook_events {
             if !crate::mail::MailStatus::ALL
                 .iter()
@@ -314,6 +334,13 @@ impl MailConfig {
             )
         })
     }
+    /// The signing key for mail from `domain` (case-insensitive), if any.
+    pub fn dkim_for(&self, domain: &str) -> Option<&DkimEntry> {
+        self.dkim
+            .iter()
+            .find(|e| e.domain.eq_ignore_ascii_case(domain))
+    }
+
     pub fn smtp_command_timeout(&self) -> Duration {
         Duration::from_millis(self.smtp_command_timeout_ms)
     }

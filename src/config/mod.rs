@@ -9,6 +9,7 @@
 //! parsed or read once, here, so a service gets typed values and never a string to
 //! re-parse.
 
+mod dkim;
 mod mail;
 mod smtp_url;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use dkim::{DkimAlgorithm, DkimEntry, DkimKey};
 pub use mail::{MailConfig, OnRedisDown, TransportChoice, TransportKind};
 pub use smtp_url::{SmtpUrl, TlsMode};
 

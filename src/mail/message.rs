@@ -226,6 +226,8 @@ pub struct Limits {
     pub default_from: String,
     pub max_message_bytes: u64,
     pub max_recipients: u64,
+    /// `[[mail.dkim]]`: a message whose `From` domain has an entry is signed.
+    pub dkim: Vec<crate::config::DkimEntry>,
 }
 
 impl Limits {
@@ -234,7 +236,14 @@ impl Limits {
             default_from: cfg.from.clone(),
             max_message_bytes: cfg.max_message_bytes,
             max_recipients: cfg.max_recipients,
+            dkim: cfg.dkim.clone(),
         }
+    }
+
+    /// Whether a mail may be signed: signing costs an RSA operation (~1 ms), so
+    /// such mail is rendered off the runtime thread.
+    pub fn signs(&self) -> bool {
+        !self.dkim.is_empty()
     }
 }
 
@@ -397,7 +406,20 @@ pub fn build(d: &Draft, limits: &Limits, mail_id: String) -> Result<Built, MailE
         b.multipart(mixed)
     }
     .map_err(|e| invalid("to", e.to_string()))?;
-    let raw = message.formatted();
+    let mut raw = message.formatted();
+    if let Some(entry) = limits
+        .dkim
+        .iter()
+        .find(|e| e.domain.eq_ignore_ascii_case(&domain))
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        raw = super::dkim::sign(entry, &raw, now).map_err(|message| MailError::Signing {
+            domain: domain.clone(),
+            message,
+        })?;
+    }
     if raw.len() as u64 > max_bytes {
         return Err(too_big(raw.len() as u64, max_bytes));
     }
@@ -442,6 +464,7 @@ mod tests {
             default_from: from.into(),
             max_message_bytes: 1 << 20,
             max_recipients: 1000,
+            dkim: Vec::new(),
         }
     }
 

@@ -17,6 +17,7 @@
 
 pub mod batch;
 pub mod bounce;
+pub mod dkim;
 pub mod events;
 pub mod file;
 pub mod message;
@@ -97,6 +98,9 @@ pub enum MailError {
     Direct(SendError),
     #[error("mail.isolate_by_uid is on but the peer's uid is unknown")]
     NoPeerUid,
+    /// A loaded key failed to sign (not expected: the key was checked at load).
+    #[error("cannot DKIM-sign for {domain}: {message}")]
+    Signing { domain: String, message: String },
 }
 
 impl MailError {
@@ -110,6 +114,7 @@ impl MailError {
             MailError::Direct(e) if e.is_transient() => ErrorCode::Unavailable,
             MailError::Direct(_) => ErrorCode::InvalidMail,
             MailError::NoPeerUid => ErrorCode::Forbidden,
+            MailError::Signing { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -129,7 +134,9 @@ impl From<MailError> for OpError {
                 OpError::new(e.code(), e.to_string()).with_retry_after(1000)
             }
             MailError::Direct(_) => OpError::new(e.code(), e.to_string()).with_field("to"),
-            MailError::NotFound(_) | MailError::NoPeerUid => OpError::new(e.code(), e.to_string()),
+            MailError::NotFound(_) | MailError::NoPeerUid | MailError::Signing { .. } => {
+                OpError::new(e.code(), e.to_string())
+            }
         }
     }
 }
@@ -509,6 +516,7 @@ impl MailService {
         req: &Request,
         limits: message::Limits,
     ) -> Result<(message::Draft, message::Built), OpError> {
+        let signs = limits.signs();
         let stored = match req.opt_str("template")? {
             None => None,
             Some(name) => {
@@ -562,7 +570,7 @@ impl MailService {
                 Ok((draft, built))
             }
         };
-        if req.frame_len() <= RENDER_INLINE_BYTES {
+        if req.frame_len() <= RENDER_INLINE_BYTES && !signs {
             return work();
         }
         let _slot = self.render_slots.acquire().await;
