@@ -1511,6 +1511,28 @@ async fn opportunistic_starttls_delivers_to_a_relay_with_a_self_signed_certifica
 }
 
 #[tokio::test]
+async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_at_once() {
+    // The sink closes a session idle for 1 s without a word, as a relay's own idle
+    // timeout does: the pooled connection is dead when the next mail takes it.
+    let redis = RedisServer::start();
+    let port = unused_port();
+    let sink = SmtpSink::start_with(port, &["--idle-close", "1"]);
+    let daemon = start(&redis, &fast(port));
+    let c = daemon.client().await;
+    let first = s(&send(&c, basic("ann@example.com")).await, "mail_id").to_owned();
+    wait_status(&c, &first, "sent").await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let second = s(&send(&c, basic("bob@example.com")).await, "mail_id").to_owned();
+    let st = wait_status(&c, &second, "sent").await;
+    assert_eq!(
+        field(&st, "attempts").as_u64(),
+        Some(1),
+        "sent on a fresh connection at once, not deferred: {st}"
+    );
+    assert_eq!(sink.count(), 2);
+}
+
+#[tokio::test]
 async fn a_pooled_connection_the_server_timed_out_is_replaced_at_once() {
     // The sink answers the next MAIL FROM of a session idle for 1 s with a 421, as a
     // relay closing idle sessions does.

@@ -19,7 +19,8 @@ Behaviour is chosen per recipient by the local part (what comes before an option
 with --implicit-tls, TLS from the first byte (smtps);
 --auth user:pass requires AUTH PLAIN/LOGIN with those credentials;
 --idle-421 S answers MAIL FROM with 421 in a session that sat idle for S seconds since
-its last message (a relay closing idle sessions).
+its last message (a relay closing idle sessions); --idle-close S closes a session idle
+for S seconds without a word (aiosmtpd's own timeout, as Postfix's smtpd_timeout).
 """
 
 import argparse
@@ -111,10 +112,13 @@ def main():
     p.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte (smtps)")
     p.add_argument("--auth")
     p.add_argument("--idle-421", type=float, help="answer MAIL FROM with 421 in a session idle this long (s)")
+    p.add_argument("--idle-close", type=float, help="close a session idle this long (s), without a reply")
     a = p.parse_args()
     IDLE_421[0] = a.idle_421
 
     kwargs = {}
+    if a.idle_close:
+        kwargs["timeout"] = a.idle_close
     controller_kwargs = {}
     if a.tls_cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
