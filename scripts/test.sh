@@ -15,6 +15,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v python3 >/dev/null || missing+=(python3)
+[ -x /usr/sbin/postfix ] || missing+=(postfix)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: missing ${missing[*]}; install with:" >&2
   echo "  sudo apt-get install ${missing[*]}" >&2

@@ -9,6 +9,7 @@ message: {"signed", "verified", "from_added_top", "from_added_bottom",
 """
 
 import json
+import re
 import sys
 
 import dkim
@@ -28,7 +29,8 @@ def main():
 
     results = []
     for text in req["messages"]:
-        raw = text.encode()
+        # A maildir file (Postfix) has LF line ends; the wire had CRLF.
+        raw = re.sub(rb"\r?\n", b"\r\n", text.encode())
         head, sep, body = raw.partition(b"\r\n\r\n")
         results.append({
             "signed": b"DKIM-Signature:" in head,

@@ -16,6 +16,7 @@ use satchel::protocol::msgpack::Writer;
 
 pub mod load;
 pub mod near;
+pub mod postfix;
 pub mod topology;
 
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
