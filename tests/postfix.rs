@@ -87,7 +87,9 @@ async fn a_stock_postfix_gets_signed_mail_over_starttls_and_its_5_1_1_is_a_suppr
         postfix.log()
     );
     assert!(
-        postfix.log().contains("TLS connection established from localhost"),
+        postfix
+            .log()
+            .contains("TLS connection established from localhost"),
         "not over TLS: {}",
         postfix.log()
     );

@@ -12,6 +12,7 @@ use rcgen::{
 };
 use rmpv::Value;
 use satchel::protocol::ErrorCode;
+use support::near::*;
 use support::*;
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
@@ -199,6 +200,34 @@ async fn rediss_with_a_private_ca_serves_the_cache_near_cache_and_mail() {
             async move { cf.cache_get("k").await.ok().flatten() == Some(Value::from("over tls")) }
         })
         .await
+    );
+
+    // Coherent over TLS: a write through the other daemon reaches this daemon's
+    // near-cache and an app's local cache on it (client tracking) within 500 ms.
+    let local = satchel::Client::builder(&d.socket)
+        .local_cache_bytes(1 << 20)
+        .connect()
+        .await
+        .unwrap();
+    let old = Value::from("over tls");
+    read_into_near(&c, "k", &old).await;
+    assert_eq!(local.cache_get("k").await.unwrap(), Some(old.clone()));
+    let new = Value::from("changed over tls");
+    cf.cache_set("k", new.clone(), None, &[]).await.unwrap();
+    let limit = Duration::from_millis(500);
+    let t = time_until_changed(&c, "k", &old, limit).await;
+    assert!(
+        t.is_some(),
+        "the near-cache kept the old value past {limit:?}"
+    );
+    eprintln!("tls: another daemon's write reached the near-cache in {t:?}");
+    assert!(
+        eventually(limit, || {
+            let (local, new) = (local.clone(), new.clone());
+            async move { local.cache_get("k").await.unwrap() == Some(new) }
+        })
+        .await,
+        "the local cache kept the old value past {limit:?}"
     );
 }
 
