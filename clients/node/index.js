@@ -265,14 +265,68 @@ export class LocalCache {
   }
 }
 
+// The bytes of a key-only request between its id and its key: `op: <op>, key:`.
+const KEY_OP_MIDDLE = new Map();
+
+/**
+ * The frame of `{id, op, key}` (a key-only op: `cache.get`, `cache.fetch`), written
+ * by hand: a 3-entry map with the id always as a uint32 (MessagePack allows any
+ * width). A generic pack of a fresh object plus the copy into a frame cost several
+ * times as much, on the path of every cache hit (BENCHMARKS.md).
+ */
+function keyOpFrame(id, op, key) {
+  let mid = KEY_OP_MIDDLE.get(op);
+  if (mid === undefined) {
+    const name = Buffer.from(op);
+    mid = Buffer.concat([Buffer.from([0xa2, 0x6f, 0x70, 0xa0 | name.length]), name, Buffer.from([0xa3, 0x6b, 0x65, 0x79])]);
+    KEY_OP_MIDDLE.set(op, mid);
+  }
+  const klen = Buffer.byteLength(key);
+  const khead = klen < 32 ? 1 : klen < 256 ? 2 : klen < 65536 ? 3 : 5;
+  const bodyLen = 9 + mid.length + khead + klen;
+  const f = Buffer.allocUnsafe(4 + bodyLen);
+  f.writeUInt32BE(bodyLen, 0);
+  f[4] = 0x83; // map of 3
+  f[5] = 0xa2; // "id"
+  f[6] = 0x69;
+  f[7] = 0x64;
+  f[8] = 0xce; // uint32
+  f.writeUInt32BE(id, 9);
+  let o = 13 + mid.copy(f, 13);
+  if (klen < 32) f[o++] = 0xa0 | klen;
+  else if (klen < 256) {
+    f[o++] = 0xd9;
+    f[o++] = klen;
+  } else if (klen < 65536) {
+    f[o++] = 0xda;
+    f.writeUInt16BE(klen, o);
+    o += 2;
+  } else {
+    f[o++] = 0xdb;
+    f.writeUInt32BE(klen, o);
+    o += 4;
+  }
+  f.write(key, o, 'utf8');
+  return f;
+}
+
+/** A `cache.fetch` result as the client returns it. */
+function fetchAnswer(r) {
+  if (!r.hit) return r;
+  if (r.stale) return { hit: true, value: r.value, stale: true };
+  return { hit: true, value: r.value, ttlMs: r.ttl_ms === undefined ? undefined : Number(r.ttl_ms) };
+}
+
 class Connection {
   constructor(client, socket) {
     this.client = client;
     this.socket = socket;
     this.pending = new Map(); // id -> {resolve, reject, op, timer}
+    // The start of a frame not yet whole, in pieces: `have` bytes of the `need` that
+    // complete it (4 while its length is unknown).
     this.chunks = [];
     this.have = 0;
-    this.frameLen = -1;
+    this.need = 4;
     this.corked = false;
     this.fatal = null; // an id-less error frame the daemon sent before closing
     this.closed = false;
@@ -300,32 +354,35 @@ class Connection {
   }
 
   onData(chunk) {
-    this.chunks.push(chunk);
-    this.have += chunk.length;
+    let buf = chunk;
+    if (this.have > 0) {
+      this.chunks.push(chunk);
+      this.have += chunk.length;
+      // A large answer arrives in many chunks: joined once, when it is whole.
+      if (this.have < this.need) return;
+      buf = Buffer.concat(this.chunks, this.have);
+      this.chunks = [];
+      this.have = 0;
+    }
+    let off = 0;
     for (;;) {
-      if (this.frameLen < 0) {
-        if (this.have < 4) return;
-        this.frameLen = this.take(4).readUInt32BE(0);
+      const left = buf.length - off;
+      if (left < 4) {
+        this.need = 4;
+        break;
       }
-      if (this.have < this.frameLen) return;
-      const body = this.take(this.frameLen);
-      this.frameLen = -1;
-      this.onFrame(body);
+      const len = buf.readUInt32BE(off);
+      if (left < 4 + len) {
+        this.need = 4 + len;
+        break;
+      }
+      this.onFrame(buf.subarray(off + 4, off + 4 + len));
+      off += 4 + len;
     }
-  }
-
-  take(n) {
-    const first = this.chunks[0];
-    if (first.length >= n) {
-      this.have -= n;
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      return first.subarray(0, n);
+    if (off < buf.length) {
+      this.chunks.push(off === 0 ? buf : buf.subarray(off));
+      this.have = buf.length - off;
     }
-    const all = Buffer.concat(this.chunks, this.have);
-    this.chunks = all.length > n ? [all.subarray(n)] : [];
-    this.have -= n;
-    return all.subarray(0, n);
   }
 
   onFrame(body) {
@@ -599,37 +656,51 @@ export class SatchelClient {
     });
   }
 
+  takeId() {
+    const id = this.nextId;
+    this.nextId = id >= 0xffffffff ? 1 : id + 1;
+    return id;
+  }
+
   sendOn(conn, op, args) {
+    const id = this.takeId();
+    let body;
+    try {
+      // Assigned, not spread: the spread copies through a slow generic path.
+      const msg = { id, op };
+      for (const k in args) msg[k] = args[k];
+      body = this.encoder.pack(msg);
+    } catch (err) {
+      return Promise.reject(new SatchelError('BAD_REQUEST', `cannot encode request: ${err.message}`, { op }));
+    }
+    const frame = Buffer.allocUnsafe(4 + body.length);
+    frame.writeUInt32BE(body.length, 0);
+    frame.set(body, 4);
+    return this.dispatch(conn, id, op, frame);
+  }
+
+  /** `{id, op, key}` for the hot key-only ops, encoded by hand ([`keyOpFrame`]). */
+  sendKeyOn(conn, op, key) {
+    const id = this.takeId();
+    return this.dispatch(conn, id, op, keyOpFrame(id, op, key));
+  }
+
+  dispatch(conn, id, op, frame) {
     return new Promise((resolve, reject) => {
       if (conn.closed) {
         reject(conn.fatal ?? new SatchelError('DISCONNECTED', 'connection to the satchel daemon closed'));
         return;
       }
-      const id = this.nextId;
-      this.nextId = id >= 0xffffffff ? 1 : id + 1;
-      let body;
-      try {
-        // Assigned, not spread: the spread copies through a slow generic path.
-        const msg = { id, op };
-        for (const k in args) msg[k] = args[k];
-        body = this.encoder.pack(msg);
-      } catch (err) {
-        reject(new SatchelError('BAD_REQUEST', `cannot encode request: ${err.message}`, { op }));
-        return;
-      }
-      if (body.length > this.maxFrame) {
+      if (frame.length - 4 > this.maxFrame) {
         // The daemon would answer TOO_LARGE and close the connection; refuse it here so
         // the other requests on this connection are not hurt.
-        reject(new SatchelError('TOO_LARGE', `request is ${body.length} bytes, the daemon's max_frame is ${this.maxFrame}`, { op }));
+        reject(new SatchelError('TOO_LARGE', `request is ${frame.length - 4} bytes, the daemon's max_frame is ${this.maxFrame}`, { op }));
         return;
       }
       if (conn.mustQueue && conn.queued >= this.maxQueued) {
         reject(new SatchelError('CLIENT_OVERLOADED', `${op}: ${conn.queued} requests already wait for room on the connection (maxQueued ${this.maxQueued}); not sent`, { op }));
         return;
       }
-      const frame = Buffer.allocUnsafe(4 + body.length);
-      frame.writeUInt32BE(body.length, 0);
-      frame.set(body, 4);
       const p = { resolve, reject, op, timer: null };
       if (this.requestTimeoutMs > 0) {
         p.timer = setTimeout(() => {
@@ -662,6 +733,14 @@ export class SatchelClient {
     // Connected: straight to the wire, one promise for the whole call.
     if (conn && !conn.closed) return this.sendOn(conn, op, args);
     return this.ensureConnected().then((c) => this.sendOn(c, op, args));
+  }
+
+  /** As `send` for an op whose only field is a string `key` (`cache.get`, `cache.fetch`). */
+  sendKey(op, key) {
+    if (typeof key !== 'string') return this.send(op, { key });
+    const conn = this.conn;
+    if (conn && !conn.closed) return this.sendKeyOn(conn, op, key);
+    return this.ensureConnected().then((c) => this.sendKeyOn(c, op, key));
   }
 
   ping(delayMs) {
@@ -715,7 +794,7 @@ class CacheApi {
       const epoch = local.begin(key);
       let r;
       try {
-        r = await this.client.send('cache.get', { key });
+        r = await this.client.sendKey('cache.get', key);
       } catch (err) {
         local.finish(key, epoch, false);
         throw err;
@@ -723,7 +802,7 @@ class CacheApi {
       local.finish(key, epoch, r.hit && !r.stale, r.value, Number(r.ttl_ms));
       return r.hit ? { hit: true, value: r.value, ttlMs: Number(r.ttl_ms) } : { hit: false };
     }
-    const r = await this.client.request('cache.get', { key });
+    const r = await this.client.sendKey('cache.get', key);
     return r.hit ? { hit: true, value: r.value, ttlMs: Number(r.ttl_ms) } : { hit: false };
   }
 
@@ -778,8 +857,21 @@ class CacheApi {
   }
 
   /** `{hit: true, value, ttlMs}`, `{hit: false, lease}` (you load and fill) or `{hit: false}` (load, don't fill). */
-  async fetch(key, opts) {
-    const local = this.liveLocal() ?? (this.client.local !== null ? await this.usableLocal() : null);
+  fetch(key, opts) {
+    // Without a local cache: the request's own promise, no async frame around it
+    // (this is the path of every getOrSet hit).
+    if (this.client.local === null) {
+      const sent =
+        opts === undefined
+          ? this.client.sendKey('cache.fetch', key)
+          : this.client.request('cache.fetch', { key, lease_ms: opts.leaseMs, wait_ms: opts.waitMs });
+      return sent.then(fetchAnswer);
+    }
+    return this.fetchLocal(key, opts);
+  }
+
+  async fetchLocal(key, opts) {
+    const local = this.liveLocal() ?? (await this.usableLocal());
     let epoch;
     if (local !== null) {
       const got = local.get(key);
@@ -788,7 +880,7 @@ class CacheApi {
     }
     let r;
     try {
-      if (opts === undefined) r = await this.client.send('cache.fetch', { key });
+      if (opts === undefined) r = await this.client.sendKey('cache.fetch', key);
       else r = await this.client.request('cache.fetch', { key, lease_ms: opts.leaseMs, wait_ms: opts.waitMs });
     } catch (err) {
       if (epoch !== undefined) local.finish(key, epoch, false);
@@ -798,10 +890,8 @@ class CacheApi {
       if (epoch !== undefined) local.finish(key, epoch, false);
       return r;
     }
-    const ttlMs = r.ttl_ms === undefined ? undefined : Number(r.ttl_ms);
-    if (epoch !== undefined) local.finish(key, epoch, !r.stale, r.value, ttlMs);
-    if (r.stale) return { hit: true, value: r.value, stale: true };
-    return { hit: true, value: r.value, ttlMs };
+    if (epoch !== undefined) local.finish(key, epoch, !r.stale, r.value, r.ttl_ms === undefined ? undefined : Number(r.ttl_ms));
+    return fetchAnswer(r);
   }
 
   async fill(key, lease, value, { ttlMs, tags } = {}) {
@@ -824,16 +914,25 @@ class CacheApi {
    * When the cache itself is out (UNAVAILABLE, TIMEOUT, connection lost) the loader runs
    * uncached, unless `strict` is set.
    */
-  async getOrSet(key, loader, opts = {}) {
-    const { ttlMs, tags, leaseMs, waitMs, strict = false } = opts;
-    let r;
-    try {
-      r = await this.fetch(key, leaseMs === undefined && waitMs === undefined ? undefined : { leaseMs, waitMs });
-    } catch (err) {
-      if (!strict && err instanceof SatchelError && CACHE_OUTAGE.has(err.code)) return loader();
-      throw err;
-    }
-    if (r.hit) return r.value;
+  getOrSet(key, loader, opts = {}) {
+    const { leaseMs, waitMs, strict = false } = opts;
+    const plain = leaseMs === undefined && waitMs === undefined;
+    // The hit path without a local cache: the request's promise and one callback.
+    const fetched =
+      this.client.local === null && plain
+        ? this.client.sendKey('cache.fetch', key)
+        : this.fetch(key, plain ? undefined : { leaseMs, waitMs });
+    return fetched.then(
+      (r) => (r.hit ? r.value : this.loadAndFill(key, loader, r, opts)),
+      (err) => {
+        if (!strict && err instanceof SatchelError && CACHE_OUTAGE.has(err.code)) return loader();
+        throw err;
+      },
+    );
+  }
+
+  /** getOrSet after a miss: load, and fill when the miss came with a lease. */
+  async loadAndFill(key, loader, r, { ttlMs, tags, strict = false }) {
     const value = await loader();
     if (r.lease) {
       try {

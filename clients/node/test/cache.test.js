@@ -20,6 +20,31 @@ after(async () => {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+describe('hand-encoded key requests', () => {
+  test('get and fetch find keys of every string-header width, ASCII or not', async () => {
+    // 31/32 bytes: fixstr vs str8; 255/256: str8 vs str16 (max_key_bytes is 1024).
+    const keys = ['k', 'a'.repeat(31), 'b'.repeat(32), 'c'.repeat(255), 'd'.repeat(256), 'e'.repeat(1024), 'clé-ü-🎓', 'ü'.repeat(16)];
+    for (const [i, key] of keys.entries()) {
+      await client.cache.set(key, { i, key });
+      assert.deepEqual((await client.cache.get(key)).value, { i, key }, `get ${key.length}`);
+      assert.deepEqual(await client.cache.getOrSet(key, () => assert.fail('a hit')), { i, key });
+      const r = await client.cache.fetch(key);
+      assert.equal(r.hit, true);
+      assert.equal(typeof r.ttlMs, 'number');
+    }
+    // Over the daemon's limit: its error, named for the field, as for any request.
+    await assert.rejects(client.cache.get('f'.repeat(1025)), (e) => e.code === 'TOO_LARGE' || e.code === 'BAD_REQUEST');
+    // Many answers of mixed sizes in flight at once: chunk boundaries fall anywhere,
+    // inside length prefixes too, and every answer still reaches its request.
+    const sizes = Array.from({ length: 300 }, (_, i) => (i * 7919) % 70000);
+    await Promise.all(sizes.map((n, i) => client.cache.set(`mixed:${i}`, 'x'.repeat(n))));
+    const got = await Promise.all(sizes.map((_, i) => client.cache.get(`mixed:${i}`)));
+    got.forEach((r, i) => assert.equal(r.value.length, sizes[i], `mixed:${i}`));
+    // A key that is not a string goes the generic way and gets the daemon's BAD_REQUEST.
+    await assert.rejects(client.cache.get(42), (e) => e instanceof SatchelError && e.code === 'BAD_REQUEST');
+  });
+});
+
 describe('connection', () => {
   test('hello reports the protocol, limits and ops', async () => {
     const hello = await client.connect();
