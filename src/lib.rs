@@ -26,8 +26,9 @@
 //!
 //! - [`config`]: TOML + `SATCHEL_*` environment overrides, parsed once into typed
 //!   values; imports nothing from the services.
-//! - [`stats`]: counters, RAII level guards, and the samples behind `stats` and
-//!   its Prometheus text.
+//! - [`stats`]: counters, RAII level guards, latency histograms, and the samples
+//!   behind `stats` and its Prometheus text.
+//! - [`metrics`]: the HTTP endpoint (`[metrics] listen`): `/metrics` and `/healthz`.
 //! - [`host`]: the clock and the host name.
 //! - [`systemd`]: readiness, status, watchdog, socket activation; nothing else knows
 //!   about systemd.
@@ -47,6 +48,7 @@ pub mod config;
 pub mod daemon;
 pub mod host;
 pub mod mail;
+pub mod metrics;
 pub mod peer;
 pub mod protocol;
 pub mod push;

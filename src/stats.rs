@@ -8,9 +8,19 @@
 //! it is a counter or a gauge, so no second list of "which numbers are gauges" exists
 //! anywhere.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
 use crate::protocol::msgpack::Writer;
 
@@ -250,40 +260,129 @@ fn write_level(w: &mut Writer, samples: &[Sample], depth: usize) {
     }
 }
 
-/// The samples in the Prometheus text exposition format: `satchel_` + the dotted
-/// name with `_` for `.`; counters end in `_total`; booleans are 0/1; text and
-/// unknown values are left out.
-pub fn prometheus_text(samples: &[Sample]) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for s in samples {
-        let value = match &s.value {
-            Reading::Uint(v) => v.to_string(),
-            Reading::Int(v) => v.to_string(),
-            Reading::Float(v) => v.to_string(),
-            Reading::Bool(v) => (*v as u8).to_string(),
-            Reading::Text(_) | Reading::Unknown => continue,
-        };
-        let base: String = s
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let (name, kind) = match s.kind {
-            Kind::Counter if base.ends_with("_total") => (format!("satchel_{base}"), "counter"),
-            Kind::Counter => (format!("satchel_{base}_total"), "counter"),
-            Kind::Gauge => (format!("satchel_{base}"), "gauge"),
-            Kind::Info => continue,
-        };
-        let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+/// The samples in the Prometheus text exposition format (0.0.4, what node_exporter's
+/// textfile collector reads), by prometheus-client: `satchel_` + the dotted name with
+/// `_` for `.`; counters end in `_total`; booleans are 0/1; text and unknown values
+/// are left out. With `timings`, the request-latency and Redis round-trip histograms
+/// follow (the metrics endpoint).
+pub fn prometheus_text(samples: Vec<Sample>, timings: Option<&Timings>) -> String {
+    let mut registry = Registry::with_prefix("satchel");
+    registry.register_collector(Box::new(SampleCollector(samples)));
+    if let Some(t) = timings {
+        registry.register(
+            "request_duration_seconds",
+            "Time from reading a request to its answer being ready, by op (unknown ops as other)",
+            t.requests.clone(),
+        );
+        registry.register(
+            "redis_rtt_seconds",
+            "Round trip of the health probe's PING to Redis",
+            t.redis_rtt.clone(),
+        );
     }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
     out
+}
+
+/// The samples of one scrape, as prometheus-client metrics.
+#[derive(Debug)]
+struct SampleCollector(Vec<Sample>);
+
+impl Collector for SampleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for s in &self.0 {
+            let number = match s.value {
+                Reading::Uint(v) => v as f64,
+                Reading::Int(v) => v as f64,
+                Reading::Float(v) => v,
+                Reading::Bool(v) => f64::from(u8::from(v)),
+                Reading::Text(_) | Reading::Unknown => continue,
+            };
+            let base: String = s
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            // The sample's place in the `stats` answer.
+            let help = format!("stats: {}", s.name);
+            match s.kind {
+                Kind::Info => {}
+                Kind::Counter => {
+                    // The encoder adds `_total`.
+                    let name = base.strip_suffix("_total").unwrap_or(&base);
+                    let m = encoder.encode_descriptor(name, &help, None, MetricType::Counter)?;
+                    match s.value {
+                        Reading::Float(_) => ConstCounter::new(number).encode(m)?,
+                        _ => ConstCounter::new(number.max(0.0) as u64).encode(m)?,
+                    }
+                }
+                Kind::Gauge => {
+                    let m = encoder.encode_descriptor(&base, &help, None, MetricType::Gauge)?;
+                    match s.value {
+                        Reading::Float(_) => ConstGauge::new(number).encode(m)?,
+                        Reading::Uint(v) => ConstGauge::new(v).encode(m)?,
+                        _ => ConstGauge::new(number as i64).encode(m)?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+/// 10 µs to ~10 s, doubling.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-5, 2.0, 21))
+}
+
+/// Request latency per op and Redis round-trip time: histograms for the metrics
+/// endpoint (`stats` has none). Each known op's histogram is made once, so recording
+/// one is a lookup in a map that never changes and a short uncontended lock; an op a
+/// client made up counts as `other`, so no client can grow the set of series.
+#[derive(Debug)]
+pub struct Timings {
+    requests: Family<OpLabel, Histogram, fn() -> Histogram>,
+    by_op: HashMap<&'static str, Histogram>,
+    other: Histogram,
+    pub redis_rtt: Histogram,
+}
+
+impl Timings {
+    pub fn new(ops: &[&'static str], redis_rtt: Histogram) -> Timings {
+        let requests: Family<OpLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let by_op = ops
+            .iter()
+            .map(|&op| (op, requests.get_or_create(&OpLabel { op }).clone()))
+            .collect();
+        let other = requests.get_or_create(&OpLabel { op: "other" }).clone();
+        Timings {
+            requests,
+            by_op,
+            other,
+            redis_rtt,
+        }
+    }
+
+    pub fn request(&self, op: &str, took: Duration) {
+        self.by_op
+            .get(op)
+            .unwrap_or(&self.other)
+            .observe(took.as_secs_f64());
+    }
 }
 
 #[cfg(test)]
@@ -307,14 +406,42 @@ mod tests {
     #[test]
     fn prometheus_text_types_samples_and_skips_what_is_not_a_number() {
         assert_eq!(
-            prometheus_text(&samples()),
-            "# TYPE satchel_requests_total counter\nsatchel_requests_total 42\n\
-             # TYPE satchel_connections_total counter\nsatchel_connections_total 3\n\
-             # TYPE satchel_inflight gauge\nsatchel_inflight 1\n\
-             # TYPE satchel_redis_connected gauge\nsatchel_redis_connected 1\n\
-             # TYPE satchel_mail_delivery_rate gauge\nsatchel_mail_delivery_rate 2.5\n\
-             # TYPE satchel_mail_local_sent_total counter\nsatchel_mail_local_sent_total 7\n\
-             # TYPE satchel_cache_near_hits_total counter\nsatchel_cache_near_hits_total 5\n"
+            prometheus_text(samples(), None),
+            "# HELP satchel_requests_total stats: requests\n# TYPE satchel_requests_total counter\nsatchel_requests_total 42\n\
+             # HELP satchel_connections_total stats: connections_total\n# TYPE satchel_connections_total counter\nsatchel_connections_total 3\n\
+             # HELP satchel_inflight stats: inflight\n# TYPE satchel_inflight gauge\nsatchel_inflight 1\n\
+             # HELP satchel_redis_connected stats: redis.connected\n# TYPE satchel_redis_connected gauge\nsatchel_redis_connected 1\n\
+             # HELP satchel_mail_delivery_rate stats: mail.delivery_rate\n# TYPE satchel_mail_delivery_rate gauge\nsatchel_mail_delivery_rate 2.5\n\
+             # HELP satchel_mail_local_sent_total stats: mail.local_sent\n# TYPE satchel_mail_local_sent_total counter\nsatchel_mail_local_sent_total 7\n\
+             # HELP satchel_cache_near_hits_total stats: cache.near.hits\n# TYPE satchel_cache_near_hits_total counter\nsatchel_cache_near_hits_total 5\n"
+        );
+    }
+
+    #[test]
+    fn timings_put_made_up_ops_under_other() {
+        let t = Timings::new(&["cache.get"], latency_histogram());
+        t.request("cache.get", Duration::from_micros(30));
+        t.request("no.such.op.1", Duration::from_micros(30));
+        t.request("no.such.op.2", Duration::from_micros(30));
+        let text = prometheus_text(Vec::new(), Some(&t));
+        assert!(
+            text.contains("satchel_request_duration_seconds_count{op=\"cache.get\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("satchel_request_duration_seconds_count{op=\"other\"} 2"),
+            "{text}"
+        );
+        assert!(!text.contains("no.such.op"), "{text}");
+        assert!(
+            text.contains(
+                "satchel_request_duration_seconds_bucket{op=\"cache.get\",le=\"+Inf\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE satchel_redis_rtt_seconds histogram"),
+            "{text}"
         );
     }
 

@@ -198,13 +198,14 @@ fn exit_codes_say_what_happened() {
     let (code, out, _) = cli.run(&["stats", "--json"]);
     assert_eq!(code, 0);
     assert!(json(&out)["cache"]["sets"].as_u64() == Some(1));
-    // stats for Prometheus: every sample line is `name value`, typed just above it.
+    // stats for Prometheus: every sample line is `name value`, described and typed
+    // just above it.
     let (code, out, _) = cli.run(&["stats", "--prometheus"]);
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines.len() >= 2 && lines.len().is_multiple_of(2), "{out}");
-    for pair in lines.chunks(2) {
-        let (name, value) = pair[1].split_once(' ').expect("name value");
+    assert!(lines.len() >= 3 && lines.len().is_multiple_of(3), "{out}");
+    for triple in lines.chunks(3) {
+        let (name, value) = triple[2].split_once(' ').expect("name value");
         assert!(
             name.starts_with("satchel_")
                 && name
@@ -218,7 +219,12 @@ fn exit_codes_say_what_happened() {
         } else {
             "gauge"
         };
-        assert_eq!(pair[0], format!("# TYPE {name} {kind}"));
+        assert!(
+            triple[0].starts_with(&format!("# HELP {name} stats: ")),
+            "{}",
+            triple[0]
+        );
+        assert_eq!(triple[1], format!("# TYPE {name} {kind}"));
     }
     assert!(lines.contains(&"satchel_cache_sets_total 1"), "{out}");
     assert!(lines.contains(&"satchel_redis_connected 1"), "{out}");

@@ -152,6 +152,9 @@ pub struct Backend {
     acked: acked::AckLane,
     /// What `INFO` said at the last (re)connect ([`durability::Durability`]).
     durability: arc_swap::ArcSwapOption<durability::Durability>,
+    /// The health probe's PING round trips (the metrics endpoint's
+    /// `satchel_redis_rtt_seconds`).
+    pub rtt: prometheus_client::metrics::histogram::Histogram,
     /// Durability warnings already logged (each once per daemon).
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
     up: AtomicBool,
@@ -376,6 +379,7 @@ impl Backend {
             generation: tokio::sync::watch::Sender::new(0),
             acked: acked::AckLane::default(),
             durability: arc_swap::ArcSwapOption::empty(),
+            rtt: crate::stats::latency_histogram(),
             warned: std::sync::Mutex::default(),
             up: AtomicBool::new(false),
             wake_probe: Notify::new(),
@@ -1063,8 +1067,12 @@ impl Backend {
         let mut checked: Option<u64> = None;
         loop {
             let was_up = self.is_up();
+            let started = Instant::now();
             let outcome = self.ping().await;
             let ok = outcome.is_ok();
+            if ok {
+                self.rtt.observe(started.elapsed().as_secs_f64());
+            }
             if let (Err(e), false) = (&outcome, logged_down_hint) {
                 let hint = if self.sentinels.is_some() {
                     "check redis.sentinel_nodes and redis.sentinel_master"

@@ -58,6 +58,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub log: LogConfig,
     pub mail: MailConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +316,22 @@ impl Default for CacheConfig {
 pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, `satchel=debug,redis=warn`, …
     pub level: String,
+}
+
+/// `[metrics]`: the HTTP endpoint for Prometheus (`GET /metrics`) and load balancers
+/// or probes (`GET /healthz`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to serve on, e.g. `127.0.0.1:9464`; `""` = off. Read at start.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to listen on, if the endpoint is on.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 /// The socket path used when none is configured, for this process.
@@ -631,6 +648,17 @@ impl Config {
             return Err(invalid("log.level", format!("{e}")));
         }
         self.mail.validate()?;
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "must be host:port with an IP address, like \"127.0.0.1:9464\", got {:?}",
+                    self.metrics.listen
+                ),
+            ));
+        }
         Ok(())
     }
 

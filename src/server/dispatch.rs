@@ -29,6 +29,7 @@ pub(crate) async fn handle(
     // A guard, not a pair of calls: a client that hangs up drops this future
     // half-way, and the gauge must still come down.
     let _inflight = shared.stats.inflight.enter();
+    let started = Instant::now();
     let config = shared.config.load_full();
     let ctx = RequestCtx {
         peer,
@@ -51,6 +52,7 @@ pub(crate) async fn handle(
             .with_field("op")),
         },
     };
+    shared.timings.request(req.op(), started.elapsed());
     match result {
         Ok(body) => Response::ok(req.id, body),
         Err(err) => {
@@ -127,7 +129,7 @@ async fn stats(shared: &Shared, req: &Request) -> OpResult {
         None | Some("map") => Ok(encode_map(&all)),
         Some("prometheus") => {
             let mut w = Writer::new();
-            w.str(&prometheus_text(&all));
+            w.str(&prometheus_text(all, None));
             Ok(w.into_vec())
         }
         Some(other) => Err(OpError::bad_request(

@@ -9,6 +9,8 @@ mod connection;
 mod dispatch;
 mod socket;
 
+pub use dispatch::samples;
+
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ use crate::mail::MailService;
 use crate::peer::Peer;
 use crate::protocol::{ErrorCode, OpError};
 use crate::service::Service;
-use crate::stats::ServerStats;
+use crate::stats::{ServerStats, Timings};
 
 /// State shared by all connections.
 pub struct Shared {
@@ -35,6 +37,10 @@ pub struct Shared {
     pub config: Arc<ArcSwap<Config>>,
     pub backend: Arc<Backend>,
     pub stats: ServerStats,
+    /// Latency histograms for the metrics endpoint.
+    pub timings: Timings,
+    /// Where clients connect (for the metrics endpoint's `/healthz`).
+    pub socket_path: Option<PathBuf>,
     services: Vec<Arc<dyn Service>>,
     /// op name → index into `services`.
     routes: HashMap<&'static str, usize>,
@@ -86,6 +92,8 @@ pub enum ServerError {
     Backend(#[from] BackendError),
     #[error("cannot start a service: {0}")]
     Service(String),
+    #[error("metrics.listen {addr}: {message}")]
+    Metrics { addr: String, message: String },
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -94,6 +102,8 @@ pub struct Server {
     listener: UnixListener,
     /// The path we bound and must remove on exit (None under socket activation).
     owned_path: Option<(PathBuf, u64)>,
+    /// The metrics endpoint's listener, when `metrics.listen` is set.
+    metrics: Option<tokio::net::TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -135,13 +145,37 @@ impl Server {
                 }
             }
         }
+        let mut ops = dispatch::CORE_OPS.to_vec();
+        ops.extend(routes.keys().copied());
+        let timings = Timings::new(&ops, backend.rtt.clone());
+        let socket_path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(PathBuf::from));
+        let metrics = match config.load().metrics.addr() {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
+                    .map_err(|e| ServerError::Metrics {
+                        addr: addr.to_string(),
+                        message: e.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
         Ok(Server {
             listener,
             owned_path,
+            metrics,
             shared: Arc::new(Shared {
                 config,
                 backend,
                 stats: ServerStats::default(),
+                timings,
+                socket_path,
                 services,
                 routes,
             }),
@@ -154,7 +188,7 @@ impl Server {
 
     /// Accepts connections until `shutdown` is cancelled, then drains. Every task is
     /// spawned on `tasks`; the caller waits for them with its own deadline.
-    pub async fn run(self, shutdown: CancellationToken, tasks: TaskTracker) {
+    pub async fn run(mut self, shutdown: CancellationToken, tasks: TaskTracker) {
         tasks.spawn(
             self.shared
                 .backend
@@ -163,6 +197,14 @@ impl Server {
         );
         for service in &self.shared.services {
             service.clone().start(&tasks, &shutdown);
+        }
+        if let Some(listener) = self.metrics.take() {
+            tasks.spawn(crate::metrics::serve(
+                listener,
+                self.shared.clone(),
+                shutdown.child_token(),
+                tasks.clone(),
+            ));
         }
         loop {
             let accepted = tokio::select! {
