@@ -1,47 +1,11 @@
 //! The `satchel` binary: wires the command line to the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use satchel::cli::{self, Global, output};
+use clap::Parser;
+use satchel::cli::app::{Cli, Command};
+use satchel::cli::{self, output};
 use satchel::config::ConfigSource;
-
-#[derive(Parser)]
-#[command(
-    name = "satchel",
-    version,
-    about = "Local cache and mail sidecar over a Unix socket"
-)]
-struct Cli {
-    #[command(flatten)]
-    global: Global,
-    #[command(subcommand)]
-    command: Command,
-}
-
-// Parsed once per process: the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon.
-    Serve {
-        /// TOML config file; every key is optional.
-        #[arg(long, env = "SATCHEL_CONFIG")]
-        config: Option<PathBuf>,
-    },
-    /// Validate a config (file + SATCHEL_* environment) and print the effective one.
-    CheckConfig {
-        #[arg(long, env = "SATCHEL_CONFIG")]
-        config: Option<PathBuf>,
-    },
-    /// DKIM keys for signing mail (`[[mail.dkim]]`); needs no daemon.
-    #[command(subcommand)]
-    Dkim(cli::dkim::DkimCommand),
-    /// Client commands (talk to a running daemon).
-    #[command(flatten)]
-    Client(cli::ClientCommand),
-}
 
 fn main() -> ExitCode {
     let Cli { global, command } = Cli::parse();
@@ -69,6 +33,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Dkim(cmd) => cli::dkim::main(cmd, global.json),
+        Command::Generate(what) => cli::generate::main(what),
         Command::Client(cmd) => cli::main(cmd, global),
     }
 }

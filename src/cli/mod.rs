@@ -6,8 +6,10 @@
 //! found, 4 daemon unreachable (or shutting down, or at its connection limit), 5
 //! access denied (FORBIDDEN).
 
+pub mod app;
 pub mod args;
 pub mod dkim;
+pub mod generate;
 pub mod output;
 pub mod run;
 
