@@ -131,8 +131,10 @@ async fn signed_mail_verifies_with_an_independent_verifier_and_tampering_breaks_
         mail("Exam Team <noreply@ed.example.org>", "No attachment", false),
         mail("nobody@unsigned.example.net", "Not ours to sign", false),
     ];
-    for m in &sends {
-        c.mail_send(m).await.unwrap();
+    for (i, m) in sends.iter().enumerate() {
+        let mut m = m.clone();
+        m.headers.push(("X-Test-Index".into(), i.to_string()));
+        c.mail_send(&m).await.unwrap();
     }
     assert!(
         wait_until(Duration::from_secs(15), || sink.count() == sends.len()),
@@ -141,20 +143,13 @@ async fn signed_mail_verifies_with_an_independent_verifier_and_tampering_breaks_
         sends.len()
     );
     let mut received = sink.received();
-    // Order by subject, as sent (deliveries may overtake each other).
-    let subject_of = |m: &serde_json::Value| {
+    // In the order sent (deliveries may overtake each other).
+    let index_of = |m: &serde_json::Value| {
         let data = m["data"].as_str().unwrap_or("");
-        sends
-            .iter()
-            .position(|s| {
-                let from = s.from.as_deref().unwrap().to_ascii_lowercase();
-                let addr = from.rsplit('<').next().unwrap().trim_end_matches('>');
-                data.to_ascii_lowercase().contains(addr)
-                    && (s.subject.is_ascii() == data.contains(&format!("Subject: {}", s.subject)))
-            })
-            .unwrap_or(usize::MAX)
+        let at = data.find("X-Test-Index: ").expect("the index header") + 14;
+        data[at..at + 1].parse::<usize>().unwrap()
     };
-    received.sort_by_key(subject_of);
+    received.sort_by_key(index_of);
     let messages: Vec<String> = received
         .iter()
         .map(|m| m["data"].as_str().unwrap().to_owned())

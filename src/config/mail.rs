@@ -334,13 +334,6 @@ impl MailConfig {
             )
         })
     }
-    /// The signing key for mail from `domain` (case-insensitive), if any.
-    pub fn dkim_for(&self, domain: &str) -> Option<&DkimEntry> {
-        self.dkim
-            .iter()
-            .find(|e| e.domain.eq_ignore_ascii_case(domain))
-    }
-
     pub fn smtp_command_timeout(&self) -> Duration {
         Duration::from_millis(self.smtp_command_timeout_ms)
     }
