@@ -8,11 +8,11 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rmpv::Value;
 use satchel::client::{Client, Mail};
+use support::dkim::{keygen, verify};
 use support::postfix::Postfix;
 use support::*;
 
@@ -48,22 +48,7 @@ async fn a_stock_postfix_gets_signed_mail_over_starttls_and_its_5_1_1_is_a_suppr
     let postfix = Postfix::start();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("dkim.pem");
-    let o = Command::new(satchel_bin())
-        .args([
-            "--json",
-            "dkim",
-            "keygen",
-            "--domain",
-            "sender.test",
-            "--selector",
-            "s1",
-        ])
-        .arg("--out")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let keygen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (record_name, record) = keygen("sender.test", "s1", "rsa-sha256", &key);
     let redis = RedisServer::start();
     let toml = format!(
         "[mail]\nsmtp_url = \"smtp://127.0.0.1:{}\"\nretry_base_ms = 100\nretry_max_ms = 300\n\
@@ -101,19 +86,11 @@ async fn a_stock_postfix_gets_signed_mail_over_starttls_and_its_5_1_1_is_a_suppr
     assert!(d.log_text().contains("sending over unverified TLS"));
 
     // The signature verifies after Postfix's delivery, with an independent verifier.
-    let records = serde_json::json!({ keygen["record_name"].as_str().unwrap(): keygen["record"] });
-    let mut child = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dkim_verify.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = serde_json::json!({"records": records, "messages": postfix.mailbox()});
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.to_string().as_bytes()).unwrap();
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(results[0]["verified"], true, "{results}");
+    let results = verify(
+        &serde_json::json!({ record_name: record }),
+        &postfix.mailbox(),
+    );
+    assert_eq!(results[0]["verified"], true, "{results:?}");
     assert!(postfix.mailbox()[0].contains("Delivered-To: ann@example.test"));
 
     // An unknown user: Postfix's 550 5.1.1 → dead, bad-mailbox, suppressed.

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use satchel::Client;
 use satchel::protocol::msgpack::Writer;
 
+pub mod dkim;
 pub mod load;
 pub mod near;
 pub mod postfix;
