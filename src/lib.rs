@@ -36,9 +36,9 @@
 //!   graceful-stop deadline (`satchel serve`).
 //! - [`client`] and [`cli`]: the Rust client, and the `satchel` subcommands built on it.
 //!
-//! To embed satchel in your own tokio runtime, build a [`config::Config`], call
-//! [`server::Server::bind`] and run it with your own `CancellationToken` and
-//! `TaskTracker`.
+//! To embed satchel in your own tokio runtime: [`embed::start`] with a
+//! [`config::Config`], your `CancellationToken` and `TaskTracker`; its [`embed::Handle`]
+//! calls the services in process while other processes use the socket.
 
 pub mod backend;
 pub mod cache;
@@ -46,6 +46,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod embed;
 pub mod host;
 pub mod mail;
 pub mod metrics;

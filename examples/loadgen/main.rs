@@ -9,6 +9,7 @@
 
 mod cache;
 mod cluster;
+mod embedded;
 mod fanout;
 mod invalidation;
 mod mail;
@@ -26,7 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen ping|cache|mail|cluster|fanout|invalidation|soak [--secs N] [--runs N] [--rate OPS]\n  (invalidation: --runs is the number of writes)"
+        "usage: loadgen ping|cache|mail|cluster|fanout|invalidation|embedded|soak [--secs N] [--runs N] [--rate OPS]\n  (invalidation: --runs is the number of writes)"
     );
     std::process::exit(2)
 }
@@ -61,6 +62,7 @@ fn main() {
         Some("cluster") => cluster::run(Duration::from_secs(secs), runs),
         Some("fanout") => fanout::run(Duration::from_secs(secs), runs),
         Some("invalidation") => invalidation::run(runs),
+        Some("embedded") => embedded::run(Duration::from_secs(secs), runs),
         Some("--echo-server") => echo_server(Path::new(
             args.get(1).map(String::as_str).unwrap_or_else(|| usage()),
         )),

@@ -9,6 +9,7 @@
 //! [`keys`] and protocol.md.
 
 mod bulk;
+mod direct;
 mod keys;
 mod leases;
 pub mod near;
@@ -34,6 +35,7 @@ use crate::protocol::msgpack::Writer;
 use crate::protocol::{ErrorCode, OpError, Request};
 use crate::service::{OpResult, RequestCtx, Service};
 use crate::stats::{Counter, Sample};
+pub use direct::{Fetched as DirectFetch, Value};
 use keys::{KeySpace, decode_blob, encode_blob};
 use leases::{Handoff, Watch, Watches};
 use near::{Lookup, NearCache};
@@ -226,6 +228,38 @@ enum Fetched {
     Granted(String),
 }
 
+/// A stored blob read for a key (header + MessagePack value, as Redis holds it).
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub blob: Bytes,
+    /// A near entry standing in for an unavailable Redis (`max_stale_ms`).
+    pub stale: bool,
+}
+
+impl Read {
+    fn fresh(blob: Bytes) -> Read {
+        Read { blob, stale: false }
+    }
+
+    /// The MessagePack value and the TTL left (ms), or None for a blob satchel did
+    /// not write.
+    pub fn value(&self) -> Option<(Bytes, u64)> {
+        let (value, ttl) = decode_blob(&self.blob)?;
+        let start = value.as_ptr() as usize - self.blob.as_ptr() as usize;
+        Some((self.blob.slice(start..start + value.len()), ttl))
+    }
+}
+
+/// What a `cache.fetch` found, before it is encoded.
+#[derive(Debug, Clone)]
+pub enum Fetch {
+    Read(Read),
+    /// The caller loads the value and fills it with this token.
+    Lease(String),
+    /// Load without filling (another caller holds the lease and did not finish in time).
+    Miss,
+}
+
 impl CacheService {
     pub fn new(backend: Arc<Backend>, cfg: &CacheConfig) -> Arc<CacheService> {
         let prefix = backend.prefix().to_owned();
@@ -290,7 +324,7 @@ impl CacheService {
         result.map_err(OpError::from)
     }
 
-    fn keyspace(&self, cfg: &CacheConfig, peer: &Peer) -> Result<KeySpace, CacheError> {
+    pub(crate) fn keyspace(&self, cfg: &CacheConfig, peer: &Peer) -> Result<KeySpace, CacheError> {
         if cfg.isolate_by_uid {
             let uid = peer.uid.ok_or(CacheError::NoPeerUid)?;
             Ok(KeySpace::new(self.backend.prefix(), &format!("u{uid}")))
@@ -316,16 +350,36 @@ impl CacheService {
     async fn get(&self, cfg: &CacheConfig, ks: &KeySpace, sid: u64, req: &Request) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
         let allow = stale_allowance(cfg, req)?;
+        let read = self.read_one(cfg, ks, sid, key, allow).await?;
+        Ok(match read {
+            Some(r) => get_answer(&self.stats, Some(&r.blob), r.stale),
+            None => get_answer(&self.stats, None, false),
+        })
+    }
+
+    /// `cache.get` before its answer is encoded: the key's stored blob, from the
+    /// near-cache or Redis, or (`allow`, Redis unavailable) a stale near entry.
+    pub(crate) async fn read_one(
+        &self,
+        cfg: &CacheConfig,
+        ks: &KeySpace,
+        sid: u64,
+        key: &str,
+        allow: Option<Duration>,
+    ) -> Result<Option<Read>, CacheError> {
         let vkey = ks.value(key);
         self.tracked
             .reading(sid, [vkey.as_str()], cfg.track_max_keys);
         if let Some(entry) = self.near_hit(&vkey) {
-            return Ok(get_answer(&self.stats, Some(&entry.blob[..]), false));
+            return Ok(Some(Read::fresh(entry.blob.clone())));
         }
         match self.read_value(cfg, &vkey).await {
-            Ok(blob) => Ok(get_answer(&self.stats, blob.as_deref(), false)),
+            Ok(blob) => Ok(blob.map(Read::fresh)),
             Err(e) => match self.stale(&vkey, allow, &e) {
-                Some(entry) => Ok(get_answer(&self.stats, Some(&entry.blob[..]), true)),
+                Some(entry) => Ok(Some(Read {
+                    blob: entry.blob.clone(),
+                    stale: true,
+                })),
                 None => Err(e.into()),
             },
         }
@@ -423,16 +477,23 @@ impl CacheService {
         sid: u64,
         req: &Request,
     ) -> CacheResult {
-        let keys = checked_keys(cfg, req)?;
+        let keys = checked_keys(cfg, req.str_list("keys")?)?;
         let allow = stale_allowance(cfg, req)?;
         self.read_many(cfg, ks, sid, &keys, max_response, allow)
             .await
     }
 
     async fn set(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
-        self.store(None, cfg, ks, req).await?;
-        self.stats.sets.inc();
+        let entry = Entry::from_request(cfg, req)?;
+        self.set_one(ks, &entry).await?;
         Ok(stored(true))
+    }
+
+    /// `cache.set` before its answer is encoded.
+    pub(crate) async fn set_one(&self, ks: &KeySpace, entry: &Entry<'_>) -> Result<(), CacheError> {
+        self.store(None, ks, entry).await?;
+        self.stats.sets.inc();
+        Ok(())
     }
 
     /// Stores `{key, value, ttl_ms?, tags?}`: with SET, or with FILL when `lease` is
@@ -450,14 +511,15 @@ impl CacheService {
     async fn store(
         &self,
         lease: Option<&str>,
-        cfg: &CacheConfig,
         ks: &KeySpace,
-        req: &Request,
+        entry: &Entry<'_>,
     ) -> Result<i64, CacheError> {
-        let key = checked_key(cfg, "key", req.str("key")?)?;
-        let value = checked_value(cfg, req)?;
-        let ttl = ttl_of(cfg, req)?;
-        let tags = checked_tags(cfg, req)?;
+        let Entry {
+            key,
+            value,
+            ttl_ms: ttl,
+            ref tags,
+        } = *entry;
         let vkey = ks.value(key);
         let outcome = async {
             let joined = futures::future::try_join_all(tags.iter().map(|t| {
@@ -477,7 +539,7 @@ impl CacheService {
                     .arg(&self.channel);
                 return self.backend.invoke::<i64>(&inv).await;
             };
-            let invalidated = self.tag_invalidated_since(ks, &tags, lease).await?;
+            let invalidated = self.tag_invalidated_since(ks, tags, lease).await?;
             let mut inv = self.scripts.fill.key(&vkey);
             inv.key(ks.lease(key))
                 .arg(lease)
@@ -521,12 +583,18 @@ impl CacheService {
     }
 
     async fn del(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
-        let keys = checked_keys(cfg, req)?;
-        let deleted = self.delete_many(ks, &keys).await?;
-        self.stats.deletes.add(deleted);
+        let keys = checked_keys(cfg, req.str_list("keys")?)?;
+        let deleted = self.del_many(ks, &keys).await?;
         let mut w = Writer::new();
         w.map(1).str("deleted").uint(deleted);
         Ok(w.into_vec())
+    }
+
+    /// `cache.del` before its answer is encoded: how many values existed.
+    pub(crate) async fn del_many(&self, ks: &KeySpace, keys: &[&str]) -> Result<u64, CacheError> {
+        let deleted = self.delete_many(ks, keys).await?;
+        self.stats.deletes.add(deleted);
+        Ok(deleted)
     }
 
     async fn fetch(
@@ -537,32 +605,42 @@ impl CacheService {
         req: &Request,
     ) -> CacheResult {
         let key = checked_key(cfg, "key", req.str("key")?)?;
-        let lease_ms = match req.opt_positive("lease_ms")? {
-            Some(ms) if ms > MAX_LEASE_MS => {
-                return Err(invalid(
-                    "lease_ms",
-                    format!("lease_ms is at most {MAX_LEASE_MS}"),
-                ));
-            }
-            Some(ms) => ms,
-            None => cfg.lease_ms,
-        };
-        let wait_ms = match req.opt_int("wait_ms")? {
-            Some(ms) if !(0..=MAX_WAIT_MS as i64).contains(&ms) => {
-                return Err(invalid(
-                    "wait_ms",
-                    format!("wait_ms must be 0..={MAX_WAIT_MS}"),
-                ));
-            }
-            Some(ms) => ms as u64,
-            None => cfg.wait_ms,
-        };
+        let lease_ms = checked_lease_ms(cfg, req.opt_positive("lease_ms")?)?;
+        let wait_ms = checked_wait_ms(cfg, req.opt_int("wait_ms")?)?;
         let allow = stale_allowance(cfg, req)?;
+        let fetched = self
+            .fetch_one(cfg, ks, sid, key, lease_ms, wait_ms, allow)
+            .await?;
+        Ok(self.fetch_answer(fetched))
+    }
+
+    /// The wire answer of a fetch, counting hits (a foreign blob counts as a miss).
+    fn fetch_answer(&self, fetched: Fetch) -> Vec<u8> {
+        match fetched {
+            Fetch::Read(r) => get_answer(&self.stats, Some(&r.blob), r.stale),
+            Fetch::Lease(token) => lease_granted(token),
+            Fetch::Miss => miss(),
+        }
+    }
+
+    /// `cache.fetch` before its answer is encoded: a read, a lease for the caller to
+    /// load and fill, or a miss to load without filling.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fetch_one(
+        &self,
+        cfg: &CacheConfig,
+        ks: &KeySpace,
+        sid: u64,
+        key: &str,
+        lease_ms: u64,
+        wait_ms: u64,
+        allow: Option<Duration>,
+    ) -> Result<Fetch, CacheError> {
         let vkey = ks.value(key);
         self.tracked
             .reading(sid, [vkey.as_str()], cfg.track_max_keys);
         if let Some(entry) = self.near_hit(&vkey) {
-            return Ok(self.hit_or_miss(&entry.blob));
+            return Ok(Fetch::Read(Read::fresh(entry.blob.clone())));
         }
         // Someone in this daemon already waits for this key: share their wait.
         if wait_ms > 0 && self.watches.contains(&vkey) {
@@ -573,26 +651,26 @@ impl CacheService {
         // hits, 64 in flight: 1.5-1.8x the throughput this way, BENCHMARKS.md). Only a
         // miss runs the script, which looks again atomically before leasing.
         match self.read_value(cfg, &vkey).await {
-            Ok(Some(blob)) => return Ok(self.hit_or_miss(&blob)),
+            Ok(Some(blob)) => return Ok(Fetch::Read(Read::fresh(blob))),
             Ok(None) => {}
             Err(e) => {
                 return match self.stale(&vkey, allow, &e) {
-                    Some(entry) => Ok(stale_hit(&self.stats, &entry.blob)),
+                    Some(entry) => Ok(Fetch::Read(Read {
+                        blob: entry.blob.clone(),
+                        stale: true,
+                    })),
                     None => Err(e.into()),
                 };
             }
         }
-        match self.fetch_once(&vkey, &ks.lease(key), lease_ms).await? {
-            Fetched::Hit(blob) => Ok(self.hit_or_miss(&blob)),
-            Fetched::Granted(token) => Ok(lease_granted(token)),
-            Fetched::Wait(_) if wait_ms == 0 => Ok(miss()),
-            Fetched::Wait(_) => Ok(self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await),
-        }
-    }
-
-    /// `{hit: true, value, ttl_ms}`, counting the hit (a foreign blob counts as a miss).
-    fn hit_or_miss(&self, blob: &[u8]) -> Vec<u8> {
-        get_answer(&self.stats, Some(blob), false)
+        Ok(
+            match self.fetch_once(&vkey, &ks.lease(key), lease_ms).await? {
+                Fetched::Hit(blob) => Fetch::Read(Read::fresh(blob)),
+                Fetched::Granted(token) => Fetch::Lease(token),
+                Fetched::Wait(_) if wait_ms == 0 => Fetch::Miss,
+                Fetched::Wait(_) => self.wait_for(vkey, ks.lease(key), lease_ms, wait_ms).await,
+            },
+        )
     }
 
     async fn fetch_once(
@@ -641,7 +719,7 @@ impl CacheService {
     }
 
     /// Waits, with the other callers of this daemon, for the key's fill or for a lease.
-    async fn wait_for(&self, vkey: String, lkey: String, lease_ms: u64, wait_ms: u64) -> Vec<u8> {
+    async fn wait_for(&self, vkey: String, lkey: String, lease_ms: u64, wait_ms: u64) -> Fetch {
         self.stats.lease_waits.inc();
         let (rx, created) = self.watches.join(&vkey, lease_ms);
         if let Some(watch) = created {
@@ -662,12 +740,12 @@ impl CacheService {
             }
         }
         match tokio::time::timeout(Duration::from_millis(wait_ms), rx).await {
-            Ok(Ok(Handoff::Value(blob))) => self.hit_or_miss(&blob),
-            Ok(Ok(Handoff::Lease(token))) => lease_granted(token),
+            Ok(Ok(Handoff::Value(blob))) => Fetch::Read(Read::fresh(blob)),
+            Ok(Ok(Handoff::Lease(token))) => Fetch::Lease(token),
             // Timed out, or the daemon is stopping: load without filling.
             _ => {
                 self.stats.misses.inc();
-                miss()
+                Fetch::Miss
             }
         }
     }
@@ -739,14 +817,24 @@ impl CacheService {
     async fn fill(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
         checked_key(cfg, "key", req.str("key")?)?;
         let lease = req.str("lease")?;
-        let outcome = self.store(Some(lease), cfg, ks, req).await?;
-        let ok = outcome == 1;
+        let entry = Entry::from_request(cfg, req)?;
+        Ok(stored(self.fill_one(ks, lease, &entry).await?))
+    }
+
+    /// `cache.fill` before its answer is encoded: whether the value was stored.
+    pub(crate) async fn fill_one(
+        &self,
+        ks: &KeySpace,
+        lease: &str,
+        entry: &Entry<'_>,
+    ) -> Result<bool, CacheError> {
+        let ok = self.store(Some(lease), ks, entry).await? == 1;
         if ok {
             self.stats.fills_stored.inc();
         } else {
             self.stats.fills_rejected.inc();
         }
-        Ok(stored(ok))
+        Ok(ok)
     }
 
     async fn invalidate(&self, cfg: &CacheConfig, ks: &KeySpace, req: &Request) -> CacheResult {
@@ -859,17 +947,21 @@ fn invalid(field: &'static str, message: impl Into<String>) -> CacheError {
 /// On a Redis Cluster a key or tag that begins with `}` would give its Redis keys an
 /// empty hash tag: Redis would hash each whole, putting a key's value and lease (or
 /// a tag's two sets) in different slots, where no script can touch both.
+/// On a Redis Cluster a key or tag may not begin with `}`: its Redis keys would get
+/// an empty hash tag, hashing the value and its lease to different slots.
+fn hashable(field: &'static str, k: &str) -> Result<(), CacheError> {
+    if k.starts_with('}') {
+        Err(invalid(
+            field,
+            "on a Redis Cluster a key or tag may not begin with `}` (Redis would hash its value and lease to different slots)",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn hashable_on_a_cluster(req: &Request) -> Result<(), CacheError> {
-    let one = |field: &'static str, k: &str| {
-        if k.starts_with('}') {
-            Err(invalid(
-                field,
-                "on a Redis Cluster a key or tag may not begin with `}` (Redis would hash its value and lease to different slots)",
-            ))
-        } else {
-            Ok(())
-        }
-    };
+    let one = hashable;
     if let Ok(Some(k)) = req.opt_str("key") {
         one("key", k)?;
     }
@@ -884,7 +976,7 @@ fn hashable_on_a_cluster(req: &Request) -> Result<(), CacheError> {
     Ok(())
 }
 
-fn checked_key<'a>(
+pub(crate) fn checked_key<'a>(
     cfg: &CacheConfig,
     field: &'static str,
     key: &'a str,
@@ -902,9 +994,79 @@ fn checked_key<'a>(
     Ok(key)
 }
 
+/// What `cache.set` and `cache.fill` store, checked against the limits.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub key: &'a str,
+    /// One MessagePack value, stored as given.
+    pub value: &'a [u8],
+    pub ttl_ms: u64,
+    pub tags: Vec<&'a str>,
+}
+
+impl<'a> Entry<'a> {
+    fn from_request(cfg: &CacheConfig, req: &'a Request) -> Result<Entry<'a>, CacheError> {
+        Ok(Entry {
+            key: checked_key(cfg, "key", req.str("key")?)?,
+            value: checked_value(cfg, req.raw("value"))?,
+            ttl_ms: req.opt_positive("ttl_ms")?.unwrap_or(cfg.default_ttl_ms),
+            tags: checked_tags(cfg, req.opt_str_list("tags")?.unwrap_or_default())?,
+        })
+    }
+
+    /// The same checks for a caller in this process. `value` must be exactly one
+    /// MessagePack value (a socket client's is checked as part of its frame).
+    pub fn new(
+        cfg: &CacheConfig,
+        key: &'a str,
+        value: &'a [u8],
+        ttl_ms: Option<u64>,
+        tags: Vec<&'a str>,
+    ) -> Result<Entry<'a>, CacheError> {
+        crate::protocol::msgpack::validate_one(value)
+            .map_err(|e| invalid("value", format!("not one MessagePack value: {e}")))?;
+        Ok(Entry {
+            key: checked_key(cfg, "key", key)?,
+            value: checked_value(cfg, Some(value))?,
+            ttl_ms: match ttl_ms {
+                Some(0) => return Err(invalid("ttl_ms", "ttl_ms must be positive")),
+                Some(ms) => ms,
+                None => cfg.default_ttl_ms,
+            },
+            tags: checked_tags(cfg, tags)?,
+        })
+    }
+}
+
+/// A fetch's `lease_ms` (default `cache.lease_ms`, at most [`MAX_LEASE_MS`]).
+pub(crate) fn checked_lease_ms(cfg: &CacheConfig, asked: Option<u64>) -> Result<u64, CacheError> {
+    match asked {
+        Some(ms) if ms > MAX_LEASE_MS => Err(invalid(
+            "lease_ms",
+            format!("lease_ms is at most {MAX_LEASE_MS}"),
+        )),
+        Some(ms) => Ok(ms),
+        None => Ok(cfg.lease_ms),
+    }
+}
+
+/// A fetch's `wait_ms` (default `cache.wait_ms`, 0 ..= [`MAX_WAIT_MS`]).
+pub(crate) fn checked_wait_ms(cfg: &CacheConfig, asked: Option<i64>) -> Result<u64, CacheError> {
+    match asked {
+        Some(ms) if !(0..=MAX_WAIT_MS as i64).contains(&ms) => Err(invalid(
+            "wait_ms",
+            format!("wait_ms must be 0..={MAX_WAIT_MS}"),
+        )),
+        Some(ms) => Ok(ms as u64),
+        None => Ok(cfg.wait_ms),
+    }
+}
+
 /// The `keys` of `mget` / `del`: at most `max_keys_per_request`, each a valid key.
-fn checked_keys<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>, CacheError> {
-    let keys = req.str_list("keys")?;
+pub(crate) fn checked_keys<'a>(
+    cfg: &CacheConfig,
+    keys: Vec<&'a str>,
+) -> Result<Vec<&'a str>, CacheError> {
     if keys.len() as u64 > cfg.max_keys_per_request {
         return Err(CacheError::TooMany {
             field: "keys",
@@ -920,10 +1082,8 @@ fn checked_keys<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>,
     Ok(keys)
 }
 
-fn checked_value<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<&'a [u8], CacheError> {
-    let value = req
-        .raw("value")
-        .ok_or_else(|| invalid("value", "field `value` is required"))?;
+fn checked_value<'a>(cfg: &CacheConfig, value: Option<&'a [u8]>) -> Result<&'a [u8], CacheError> {
+    let value = value.ok_or_else(|| invalid("value", "field `value` is required"))?;
     if value.len() as u64 > cfg.max_value_bytes {
         return Err(CacheError::TooLarge {
             field: "value",
@@ -934,12 +1094,10 @@ fn checked_value<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<&'a [u8], Ca
     Ok(value)
 }
 
-fn ttl_of(cfg: &CacheConfig, req: &Request) -> Result<u64, CacheError> {
-    Ok(req.opt_positive("ttl_ms")?.unwrap_or(cfg.default_ttl_ms))
-}
-
-fn checked_tags<'a>(cfg: &CacheConfig, req: &'a Request) -> Result<Vec<&'a str>, CacheError> {
-    let tags = req.opt_str_list("tags")?.unwrap_or_default();
+pub(crate) fn checked_tags<'a>(
+    cfg: &CacheConfig,
+    tags: Vec<&'a str>,
+) -> Result<Vec<&'a str>, CacheError> {
     if tags.len() > MAX_TAGS {
         return Err(invalid(
             "tags",
@@ -985,11 +1143,6 @@ fn stale_allowance(cfg: &CacheConfig, req: &Request) -> Result<Option<Duration>,
             (ms as u64).min(cfg.max_stale_ms),
         ))),
     }
-}
-
-/// `{hit: true, value, stale: true}`: a near entry standing in for Redis.
-fn stale_hit(stats: &CacheStats, blob: &[u8]) -> Vec<u8> {
-    get_answer(stats, Some(blob), true)
 }
 
 fn tracking_answer(on: bool) -> Vec<u8> {

@@ -313,17 +313,18 @@ pub fn new_mail_id() -> String {
     format!("{:011x}{:016x}", crate::host::now_ms(), fastrand::u64(..))
 }
 
-#[derive(Serialize)]
-struct SendResult {
-    mail_id: String,
-    status: MailStatus,
-    duplicate: bool,
+/// What `mail.send` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendResult {
+    pub mail_id: String,
+    pub status: MailStatus,
+    pub duplicate: bool,
     /// Replicas holding the mail, when `mail.min_replicas_ack` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
-    replicas: Option<u64>,
+    pub replicas: Option<u64>,
     /// Recipients not sent to: they are on the suppression list.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    suppressed: Vec<String>,
+    pub suppressed: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -375,27 +376,28 @@ struct EventsResult {
     cursor: String,
 }
 
-#[derive(Serialize)]
-struct StatusResult {
+/// What `mail.status` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusResult {
     /// The sender's uid: only in an admin's answer.
     #[serde(skip_serializing_if = "Option::is_none")]
-    uid: Option<u32>,
-    mail_id: String,
-    status: MailStatus,
-    attempts: u64,
+    pub uid: Option<u32>,
+    pub mail_id: String,
+    pub status: MailStatus,
+    pub attempts: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    last_error: Option<String>,
+    pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    next_attempt_ms: Option<u64>,
-    updated_ms: u64,
+    pub next_attempt_ms: Option<u64>,
+    pub updated_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    refused: Option<Vec<String>>,
+    pub refused: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    class: Option<String>,
+    pub class: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    suppressed: Option<Vec<String>>,
+    pub suppressed: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    template: Option<String>,
+    pub template: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -583,8 +585,56 @@ impl MailService {
     }
 
     async fn send(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
-        let mc = &ctx.config.mail;
-        if mc.isolate_by_uid && ctx.peer.uid.is_none() {
+        self.may_send(ctx)?;
+        let (draft, built) = self
+            .render(req, message::Limits::of(&ctx.config.mail))
+            .await?;
+        let template = req.opt_str("template")?.map(str::to_owned);
+        encode(&self.enqueue_built(ctx, draft, built, template).await?)
+    }
+
+    /// `mail.send` of a draft made in this process (no template): checked, rendered
+    /// (off the runtime thread when large or signed) and queued as the wire op does.
+    pub async fn send_draft(
+        &self,
+        ctx: RequestCtx<'_>,
+        draft: message::Draft,
+    ) -> Result<SendResult, OpError> {
+        self.may_send(ctx)?;
+        let limits = message::Limits::of(&ctx.config.mail);
+        let size = draft.text.as_ref().map_or(0, String::len)
+            + draft.html.as_ref().map_or(0, String::len)
+            + draft
+                .attachments
+                .iter()
+                .map(|a| a.data.len())
+                .sum::<usize>();
+        let inline = size <= RENDER_INLINE_BYTES && !limits.signs();
+        let work = move || -> Result<_, OpError> {
+            check_draft(&draft)?;
+            let built = message::build(&draft, &limits, new_mail_id())?;
+            Ok((draft, built))
+        };
+        let (draft, built) = if inline {
+            work()?
+        } else {
+            let _slot = self.render_slots.acquire().await;
+            tokio::task::spawn_blocking(work)
+                .await
+                .unwrap_or_else(|e| {
+                    Err(OpError::new(
+                        ErrorCode::Internal,
+                        format!("rendering the mail failed: {e}"),
+                    ))
+                })?
+        };
+        self.enqueue_built(ctx, draft, built, None).await
+    }
+
+    /// Whether this caller may send now: its uid is known when mail is isolated by
+    /// uid, and Redis is durable when `redis.require_durable` asks.
+    fn may_send(&self, ctx: RequestCtx<'_>) -> Result<(), OpError> {
+        if ctx.config.mail.isolate_by_uid && ctx.peer.uid.is_none() {
             return Err(MailError::NoPeerUid.into());
         }
         if ctx.config.redis.require_durable
@@ -597,7 +647,19 @@ impl MailService {
             )
             .with_retry_after(1000));
         }
-        let (draft, built) = self.render(req, message::Limits::of(mc)).await?;
+        Ok(())
+    }
+
+    /// Queues a rendered mail (or, Redis down and `on_redis_down = "direct"`, sends
+    /// it at once).
+    async fn enqueue_built(
+        &self,
+        ctx: RequestCtx<'_>,
+        draft: message::Draft,
+        built: message::Built,
+        template: Option<String>,
+    ) -> Result<SendResult, OpError> {
+        let mc = &ctx.config.mail;
         let send_at = draft.send_at_ms.map_or(0, |ms| ms.max(0) as u64);
         let settings = batch::EnqueueSettings {
             idem_ttl_ms: mc.idempotency_ttl_ms,
@@ -620,7 +682,7 @@ impl MailService {
                         }
                     }),
                     owner: ctx.peer.uid,
-                    template: req.opt_str("template")?.map(str::to_owned),
+                    template,
                 };
                 // A large message goes to Redis in pieces before the (batched)
                 // enqueue script adopts it.
@@ -648,7 +710,7 @@ impl MailService {
                 {
                     self.under_replicated(&e.mail_id, n, want);
                 }
-                encode(&SendResult {
+                Ok(SendResult {
                     mail_id: e.mail_id,
                     status: e.status,
                     duplicate: e.duplicate,
@@ -666,7 +728,7 @@ impl MailService {
                     .send(&built.from, &built.rcpts, &built.raw, &built.mail_id)
                     .await
                     .map_err(MailError::Direct)?;
-                encode(&SendResult {
+                Ok(SendResult {
                     mail_id: built.mail_id,
                     status: MailStatus::Sent,
                     duplicate: false,
@@ -679,14 +741,18 @@ impl MailService {
     }
 
     async fn status(&self, ctx: RequestCtx<'_>, req: &Request) -> OpResult {
-        let id = mail_id(req)?;
+        encode(&self.status_of(ctx, mail_id(req)?).await?)
+    }
+
+    /// `mail.status` before its answer is encoded.
+    pub async fn status_of(&self, ctx: RequestCtx<'_>, id: &str) -> Result<StatusResult, OpError> {
         let (scope, admin) = scope_of(ctx)?;
         let rec = self
             .queue
             .status(&self.backend, id, scope)
             .await?
             .ok_or_else(|| MailError::NotFound(id.to_owned()))?;
-        encode(&StatusResult {
+        Ok(StatusResult {
             uid: rec.owner.filter(|_| admin),
             mail_id: id.to_owned(),
             status: rec.status,

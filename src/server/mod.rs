@@ -104,6 +104,10 @@ pub struct Server {
     owned_path: Option<(PathBuf, u64)>,
     /// The metrics endpoint's listener, when `metrics.listen` is set.
     metrics: Option<tokio::net::TcpListener>,
+    /// The services by type, for an embedding app's in-process calls ([`crate::embed`]);
+    /// the server itself knows them only as [`Service`]s.
+    cache: Arc<CacheService>,
+    mail: Arc<MailService>,
     shared: Arc<Shared>,
 }
 
@@ -133,10 +137,9 @@ impl Server {
         let _ = connect.await;
         let cache = CacheService::new(backend.clone(), &config.cache);
         let config = Arc::new(ArcSwap::from_pointee(config));
-        let services: Vec<Arc<dyn Service>> = vec![
-            cache,
-            MailService::new(backend.clone(), config.clone()).map_err(ServerError::Service)?,
-        ];
+        let mail =
+            MailService::new(backend.clone(), config.clone()).map_err(ServerError::Service)?;
+        let services: Vec<Arc<dyn Service>> = vec![cache.clone(), mail.clone()];
         let mut routes = HashMap::new();
         for (i, service) in services.iter().enumerate() {
             for op in service.ops() {
@@ -170,6 +173,8 @@ impl Server {
             listener,
             owned_path,
             metrics,
+            cache,
+            mail,
             shared: Arc::new(Shared {
                 config,
                 backend,
@@ -184,6 +189,14 @@ impl Server {
 
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    pub fn cache_service(&self) -> Arc<CacheService> {
+        self.cache.clone()
+    }
+
+    pub fn mail_service(&self) -> Arc<MailService> {
+        self.mail.clone()
     }
 
     /// Accepts connections until `shutdown` is cancelled, then drains. Every task is
