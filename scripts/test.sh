@@ -44,6 +44,10 @@ if ! python3 -c 'import aiosmtpd, msgpack, pytest, dkim, nacl' 2>/dev/null; then
   export PATH="$PWD/$venv/bin:$PATH"
 fi
 
+# The examples as programs: tests/embedded.rs and the Node suite run
+# target/debug/examples/embedded (cargo test --all-targets compiles examples but does
+# not leave them there).
+cargo build --examples
 cargo test --all-targets "$@"
 
 for dir in clients/node examples/exam-service; do
